@@ -1,0 +1,220 @@
+"""The typed run configuration: one field per command-line flag and TOML key.
+
+Each field's metadata gives its help text and the stage whose results it changes. Artifact
+reuse is keyed by hashes of those fields (``stage_key``): changing, say, ``max_new_tokens``
+invalidates generations and evaluations but keeps the directions and the selection.
+Presets fill in sizes; explicit flags and TOML keys override them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+STAGES = ("extract", "select", "infer", "evaluate")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value or file; the message says which and why."""
+
+
+def opt(default: Any, help: str, stage: str | None = None, choices: tuple | None = None, **kwargs: Any):
+    """A config field. ``stage``: the first stage whose results depend on it (None: none do)."""
+    metadata = {"help": help, "stage": stage, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+@dataclass
+class RunConfig:
+    # ------------------------------------------------------------------ model and data
+    model: str = opt("embedded", "Model: 'embedded' (Qwen2.5-Coder-0.5B-Instruct), 'embedded:1.5b', a hub id, a local folder or a .gguf file.", "extract")
+    device: str = opt("auto", "Device: 'auto' (all GPUs of this host via accelerate, else CPU), 'cpu', 'cuda:0'.")
+    dtype: str = opt("auto", "Model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.", "extract")
+    chat_template: str | None = opt(None, "Jinja chat-template file for tokenizers without one.", "extract")
+    data_dir: str | None = opt(None, "Local dataset mirror (default: $REFUSAL_DIRECTIONS_DATA; unset: load from the hub).")
+    output_dir: str = opt("runs", "Folder for run artifacts: <output_dir>/<model-alias>/<config-hash>/.")
+    seed: int = opt(42, "Seed for sampling, splits and bootstrap.", "extract")
+    preset: str | None = opt(None, "Size preset: 'quick' (CPU-sized run, about 30 min on 2 cores) or 'reference' (the reference sizes). Default: reference on GPU, quick on CPU.", choices=("quick", "reference"))
+    batch_size: int | None = opt(None, "Prompts per forward pass (default: chosen from the device).")
+    # ------------------------------------------------------------------ extraction
+    methods: list[str] = opt(["diff_in_means", "inlp", "leace"], "Direction methods to run.", "extract")
+    n_train: int = opt(128, "Harmful and harmless train prompts each (directions).", "extract")
+    n_val: int = opt(32, "Harmful and harmless validation prompts each (selection).", "extract")
+    n_test: int = opt(100, "Prompts per evaluation set (generation).", "infer")
+    positions: list[int] | None = opt(None, "Token positions (negative offsets) to extract; default: all post-instruction tokens.", "extract")
+    filter_train: bool = opt(True, "Keep only harmful prompts the model refuses (score > 0) and harmless ones it does not (score < 0).", "extract")
+    inlp_max_iter: int = opt(100, "INLP: maximum classifiers per component.", "extract")
+    inlp_min_accuracy: float = opt(0.55, "INLP: stop when dev accuracy falls below this.", "extract")
+    inlp_c: float = opt(0.1, "INLP: inverse L2 regularisation strength C of the logistic regressions.", "extract")
+    inlp_stop_mode: str = opt("reference", "INLP: 'reference' adds the failing classifier before stopping; 'skip' (original paper) does not.", "extract", ("reference", "skip"))
+    inlp_k_policy: str = opt("none", "INLP: directions kept in P: none (all), fixed (--inlp-k), acc99, acc95.", "select", ("none", "fixed", "acc99", "acc95"))
+    inlp_k: int | None = opt(None, "INLP: k for --inlp-k-policy fixed.", "select")
+    # ------------------------------------------------------------------ selection
+    kl_threshold: float = opt(0.1, "Selection: discard candidates whose KL on harmless prompts exceeds this.", "select")
+    prune_layer_fraction: float = opt(0.2, "Selection: discard candidates in the last fraction of layers.", "select")
+    actadd_multipliers: list[float] = opt([0.5, 1.0, 2.0], "ActAdd multipliers m (coefficient m * ||r_best||), for the steering score and the ActAdd interventions.", "select")
+    scoring: str = opt("local", "Selection scoring: 'local' (intervene at the candidate's layer only) or 'global' (all layers).", "select", ("local", "global"))
+    compare_rankings: bool = opt(False, "Also score globally and report Spearman's rank correlation with local scores.", "select")
+    top_fraction: float | None = opt(None, "Scope: intervene at the layers of this fraction (0-1] of the ranked candidates (at least one).", "select")
+    just_one: bool = opt(False, "Scope: intervene at the top-ranked component's layer only.", "select")
+    # ------------------------------------------------------------------ interventions and generation
+    intervention_mode: str = opt("both", "Extra interventions besides removal: actadd, reflection or both.", "infer", ("actadd", "reflection", "both"))
+    reflection_alphas: list[float] = opt([1.0, 2.0], "Counterfactual reflection alphas (R = alpha*P + (1-alpha)*I).", "infer")
+    reflection_mode: str = opt("reference", "Reflection at every block input and write ('reference') or transforming the concept once ('consistent').", "infer", ("reference", "consistent"))
+    eval_datasets: list[str] = opt(["jailbreakbench"], "Harmful evaluation sets.", "infer")
+    harmless_eval: str = opt("harmless_test", "Harmless test prompts (refusal on harmless).", "infer")
+    max_new_tokens: int = opt(512, "Generation length.", "infer")
+    bake_weights: str = opt("auto", "Generate with weights baked for exact all-layer linear removals: auto or never.", "infer", ("auto", "never"))
+    # ------------------------------------------------------------------ evaluation
+    refusal_phrases: str = opt("arditi", "Substring judge list: arditi or jailbreakbench.", "evaluate", ("arditi", "jailbreakbench"))
+    safety_judge: str | None = opt("meta-llama/Meta-Llama-Guard-2-8B", "Safety judge (LlamaGuard 2/3 hub id or local path); 'none' to skip.", "evaluate")
+    judge_gpu_memory_fraction: float = opt(0.9, "GPU memory fraction for the judge (vLLM backend).")
+    judge_min_words: int = opt(15, "Responses with fewer words count as safe (LlamaGuard reference rule); 0 disables.", "evaluate")
+    general_text: str | None = opt(None, "General-text corpus for cross-entropy: 'pile', 'lambada' or a .jsonl path (default: pile from the hub, lambada from a local mirror).", "evaluate")
+    n_loss_docs: int = opt(512, "Documents for general-text and Alpaca cross-entropy.", "evaluate")
+    loss_max_length: int = opt(256, "Tokens per document for cross-entropy.", "evaluate")
+    mmlu_questions: int | None = opt(None, "MMLU questions (seeded sub-sample; default all).", "evaluate")
+    arc_questions: int | None = opt(None, "ARC-Challenge questions (seeded sub-sample; default all).", "evaluate")
+    arc_shots: int = opt(5, "ARC-Challenge shots (25 = leaderboard setting).", "evaluate")
+    # ------------------------------------------------------------------ stage control (never hashed)
+    extract_only: bool = opt(False, "Run extraction only.")
+    select_only: bool = opt(False, "Run extraction and selection only.")
+    infer_only: bool = opt(False, "Run up to generation; skip evaluation.")
+    use_existing: bool = opt(False, "Skip extraction and selection: use the run folder's existing directions and selection.")
+    resume_from_eval: bool = opt(False, "Skip generation: evaluate the run folder's existing completions.")
+    skip_eval: bool = opt(False, "Skip evaluation (same as --infer-only).")
+    force_overwrite: bool = opt(False, "Recompute every stage even where valid artifacts exist.")
+    debug: bool = opt(False, "Show full tracebacks and debug logs.")
+
+    # ------------------------------------------------------------------ behaviour
+    def validate(self) -> "RunConfig":
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ConfigError(f"{f.name} must be one of {choices}, not {value!r}.")
+        unknown = [m for m in self.methods if m not in ("diff_in_means", "inlp", "leace")]
+        if unknown or not self.methods:
+            raise ConfigError(f"methods must be among diff_in_means, inlp, leace (got {self.methods}).")
+        if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
+            raise ConfigError(f"top_fraction is a fraction in (0, 1], not {self.top_fraction} (0.5 means half).")
+        if self.top_fraction is not None and self.just_one:
+            raise ConfigError("Give either --top-fraction or --just-one, not both.")
+        if self.inlp_k_policy == "fixed" and (self.inlp_k is None or self.inlp_k < 1):
+            raise ConfigError("--inlp-k-policy fixed needs --inlp-k >= 1.")
+        if self.positions is not None and (not self.positions or max(self.positions) >= 0):
+            raise ConfigError(f"positions are negative offsets from the prompt's end, e.g. [-5, -1]; got {self.positions}.")
+        for name in ("n_train", "n_val", "n_test", "max_new_tokens", "n_loss_docs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1.")
+        if not self.actadd_multipliers:
+            raise ConfigError("actadd_multipliers must not be empty.")
+        return self
+
+    @property
+    def scope(self) -> str:
+        """'one', 'top' (a top fraction) or 'all' layers."""
+        return "one" if self.just_one else "top" if self.top_fraction is not None else "all"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def stage_fields(self, stage: str) -> dict[str, Any]:
+        """The fields whose values change the results of ``stage`` (including upstream stages)."""
+        upto = STAGES[: STAGES.index(stage) + 1]
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata.get("stage") in upto
+        }
+
+    def stage_key(self, stage: str, model_fingerprint: str) -> str:
+        """A short hash identifying the inputs of ``stage`` (and everything upstream)."""
+        payload = json.dumps({"fingerprint": model_fingerprint, **self.stage_fields(stage)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The reference sizes (Arditi et al. / the reference tool), for GPU runs.
+    "reference": {},
+    # Sized for the embedded 0.5B model on a 2-core CPU (about 30 minutes for the whole run):
+    # two positions instead of all five, 64+64 train and 16+16 val prompts, one ActAdd multiplier in
+    # selection, 32 test prompts per set, 64 new tokens, and sub-sampled loss and benchmark sets.
+    "quick": {
+        "n_train": 64,
+        "n_val": 16,
+        "n_test": 32,
+        "positions": [-5, -1],
+        "actadd_multipliers": [1.0],
+        "reflection_alphas": [2.0],
+        "max_new_tokens": 64,
+        "n_loss_docs": 32,
+        "mmlu_questions": 57,
+        "arc_questions": 57,
+        "inlp_max_iter": 100,
+    },
+}
+
+
+def field_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file; keys mirror the flags (dashes or underscores)."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {path} does not exist.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    values = {k.replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(values) - field_names())
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {unknown}; see `refusal-directions run --help`.")
+    return values
+
+
+def build_config(
+    overrides: dict[str, Any] | None = None,
+    toml_path: str | Path | None = None,
+    gpu_available: bool | None = None,
+) -> tuple[RunConfig, str]:
+    """Defaults < preset < TOML file < explicit overrides. Returns the config and a note on the preset."""
+    overrides = dict(overrides or {})
+    values = read_toml(toml_path) if toml_path else {}
+    values.update(overrides)
+    preset = values.get("preset")
+    note = ""
+    if preset is None:
+        if gpu_available is None:
+            import torch
+
+            gpu_available = torch.cuda.is_available()
+        preset = "reference" if gpu_available else "quick"
+        note = (
+            "No GPU and no preset given: using --preset quick (fewer positions, prompts, tokens and "
+            "evaluation items; see `refusal-directions run --help`)."
+            if preset == "quick"
+            else ""
+        )
+    if preset not in PRESETS:
+        raise ConfigError(f"Unknown preset {preset!r}; choose quick or reference.")
+    merged = {**PRESETS[preset], **values, "preset": preset}
+    unknown = sorted(set(merged) - field_names())
+    if unknown:
+        raise ConfigError(f"Unknown settings {unknown}.")
+    return RunConfig(**merged).validate(), note

@@ -1,0 +1,220 @@
+"""Interventions on the residual stream, as hooks or as baked weights.
+
+* ``Removal``: the low-rank edit ``x -> x - alpha U Wᵀ (x - b)`` of an ``Eraser`` at the block
+  input and the write points of each layer in scope. alpha = 1 is the removal itself
+  (diff-in-means directional ablation, INLP nullspace projection, LEACE erasure); other alphas
+  are the counterfactual reflection R_alpha = alpha P + (1 - alpha) I (alpha = 2: reflection).
+  Block inputs get the affine map, writes (increments) its linear part.
+* ``ActAdd``: ``x -> x + c d̂`` at the block input of one layer, every position.
+
+Which block inputs are hooked (DESIGN.md §8):
+  alpha = 1: the map is idempotent and every write is erased, so only the first layer of each
+  contiguous run of layers in scope needs its input erased (the others would be no-ops);
+  alpha != 1, "reference" mode: every block input and write in scope (as the reference tool);
+  the concept component is then multiplied by (1 - alpha) again at each layer, so at alpha = 2
+  its sign alternates layer by layer;
+  alpha != 1, "consistent" mode: the stream is transformed once, at the first layer in scope,
+  and every later write in scope is transformed, so the stream's concept component is
+  (1 - alpha) times what it would have been.
+
+Hooks compute in float32 and cast back; per-layer copies of the tensors live on each layer's
+device (multi-GPU), so hooks never move data or synchronise.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .directions.base import Eraser
+from .hooks import Hook, HookFn, apply_hooks
+from .models import ModelAdapter
+
+ReflectionMode = Literal["reference", "consistent"]
+_OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "down_proj", "dense", "c_proj", "fc2", "w2", "dense_4h_to_h")
+
+
+class BakingError(RuntimeError):
+    """Weight baking would not be exact for this model or intervention."""
+
+
+def _edit_fn(eraser: Eraser, alpha: float, affine: bool) -> HookFn:
+    left, right = eraser.left, eraser.right
+    bias = eraser.bias if affine else None
+
+    def edit(x: Tensor) -> Tensor:
+        y = x.float()
+        delta = y if bias is None else y - bias
+        return (y - alpha * (delta @ right) @ left.T).to(x.dtype)
+
+    return edit
+
+
+def _add_fn(vector: Tensor) -> HookFn:
+    def add(x: Tensor) -> Tensor:
+        return (x.float() + vector).to(x.dtype)
+
+    return add
+
+
+@dataclass
+class Removal:
+    """Erase (alpha = 1) or reflect (alpha != 1) a concept at the layers in scope."""
+
+    eraser: Eraser
+    layers: Sequence[int]
+    alpha: float = 1.0
+    mode: ReflectionMode = "reference"
+    affine: bool = True
+    name: str = "removal"
+
+    def block_input_layers(self) -> list[int]:
+        layers = sorted(set(self.layers))
+        if self.alpha == 1.0:
+            return [l for l in layers if l - 1 not in layers]
+        if self.mode == "consistent":
+            return layers[:1]
+        return layers
+
+    def hooks(self, adapter: ModelAdapter) -> list[Hook]:
+        hooks: list[Hook] = []
+        by_device: dict[torch.device, Eraser] = {}
+        block_inputs = set(self.block_input_layers())
+        for layer in sorted(set(self.layers)):
+            device = adapter.layer_device(layer)
+            eraser = by_device.setdefault(device, self.eraser.to(device))
+            points = adapter.hook_points[layer]
+            if layer in block_inputs:
+                hooks.append(Hook(points.block, "input", _edit_fn(eraser, self.alpha, self.affine)))
+            linear = _edit_fn(eraser, self.alpha, affine=False)
+            hooks.extend(Hook(write, "output", linear) for write in points.writes)
+        return hooks
+
+
+@dataclass
+class ActAdd:
+    """Add ``vector`` (already scaled and signed) to the residual stream entering ``layer``."""
+
+    vector: Tensor
+    layer: int
+    name: str = "actadd"
+
+    def hooks(self, adapter: ModelAdapter) -> list[Hook]:
+        vector = self.vector.float().to(adapter.layer_device(self.layer))
+        return [Hook(adapter.hook_points[self.layer].block, "input", _add_fn(vector))]
+
+
+Intervention = Removal | ActAdd
+
+
+@contextmanager
+def intervene(adapter: ModelAdapter, *interventions: Intervention | None) -> Iterator[None]:
+    """Install the hooks of ``interventions`` (None entries are skipped) for the block."""
+    hooks = [h for i in interventions if i is not None for h in i.hooks(adapter)]
+    with apply_hooks(hooks):
+        yield
+
+
+# ---------------------------------------------------------------------- weight baking
+def _output_projection(module: nn.Module, d_model: int) -> nn.Linear:
+    children = dict(module.named_children())
+    for name in _OUTPUT_PROJECTIONS:
+        child = children.get(name)
+        if isinstance(child, nn.Linear) and child.out_features == d_model:
+            return child
+    raise BakingError(f"Cannot find the output projection of {type(module).__name__}; use hooks instead.")
+
+
+def check_bakeable(adapter: ModelAdapter, removal: Removal) -> None:
+    """Raise ``BakingError`` unless baking ``removal`` into the weights is exact."""
+    if any(p.post_sublayer_norms for p in adapter.hook_points):
+        raise BakingError(
+            f"{type(adapter.model).__name__} normalises sublayer outputs after they are computed "
+            "(post-sublayer norms, as Gemma-2/3), so an edit of the residual writes cannot be folded "
+            "into the weights exactly. Use the hook mode (interventions are applied as hooks)."
+        )
+    if sorted(set(removal.layers)) != list(range(adapter.n_layers)):
+        raise BakingError("Only removals at all layers can be baked; narrower scopes use hooks.")
+    if removal.alpha != 1.0 and removal.mode == "reference":
+        raise BakingError("Reference-mode reflection edits every block input; it cannot be baked. Use hooks.")
+    embedding = adapter.model.get_input_embeddings()
+    if type(embedding) is not nn.Embedding:
+        raise BakingError(f"The embedding {type(embedding).__name__} transforms its output; use hooks.")
+    for points in adapter.hook_points:
+        for write in points.writes:
+            _output_projection(write, adapter.d_model)
+
+
+@torch.no_grad()
+def _untie_embeddings(adapter: ModelAdapter) -> None:
+    embedding, head = adapter.model.get_input_embeddings(), adapter.lm_head
+    if head is not None and head.weight is embedding.weight:
+        head.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
+        for config in (adapter.model.config, adapter.model.config.get_text_config()):
+            config.tie_word_embeddings = False
+
+
+@torch.no_grad()
+def bake(adapter: ModelAdapter, removal: Removal) -> dict[str, Tensor]:
+    """Fold ``removal`` (all layers) into the weights in place; returns the original tensors.
+
+    Embedding rows get the affine edit (they are the stream entering layer 0); attention and MLP
+    output projections (weight and bias) get the linear part. Tied embeddings are untied first.
+    """
+    check_bakeable(adapter, removal)
+    _untie_embeddings(adapter)
+    originals: dict[str, Tensor] = {}
+    names = {id(p): n for n, p in adapter.model.named_parameters()}
+
+    def edit(param: Tensor, fn: HookFn) -> None:
+        originals[names[id(param)]] = param.detach().clone()
+        param.copy_(fn(param))
+
+    embedding = adapter.model.get_input_embeddings().weight
+    eraser = removal.eraser.to(embedding.device)
+    edit(embedding, _edit_fn(eraser, removal.alpha, removal.affine))
+    for points in adapter.hook_points:
+        for write in points.writes:
+            proj = _output_projection(write, adapter.d_model)
+            eraser = removal.eraser.to(proj.weight.device)
+            linear = _edit_fn(eraser, removal.alpha, affine=False)
+            edit(proj.weight, lambda w: linear(w.T).T)  # each column of W is a write direction
+            if proj.bias is not None:
+                edit(proj.bias, linear)
+    return originals
+
+
+@torch.no_grad()
+def restore(adapter: ModelAdapter, originals: dict[str, Tensor]) -> None:
+    params = dict(adapter.model.named_parameters())
+    for name, value in originals.items():
+        params[name].copy_(value)
+
+
+@contextmanager
+def applied(adapter: ModelAdapter, intervention: Intervention | None, bake_weights: bool = False) -> Iterator[str]:
+    """Apply an intervention for the block, baked into the weights where asked and exact.
+
+    Yields "baked", "hooks" or "none" (what was used).
+    """
+    if intervention is None:
+        yield "none"
+        return
+    if bake_weights and isinstance(intervention, Removal):
+        try:
+            check_bakeable(adapter, intervention)
+        except BakingError:
+            pass
+        else:
+            originals = bake(adapter, intervention)
+            try:
+                yield "baked"
+            finally:
+                restore(adapter, originals)
+            return
+    with intervene(adapter, intervention):
+        yield "hooks"
