@@ -31,16 +31,19 @@ def cache_activations(
     positions: Sequence[int],
     batch_size: int = 32,
     desc: str = "activations",
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """Residual stream entering every layer at ``positions`` (negative offsets from the end).
 
-    Returns float32 ``[len(instructions), len(positions), n_layers, d_model]`` on the CPU.
+    Returns float32 ``[len(instructions), len(positions), n_layers, d_model]`` on the CPU, and
+    the baseline refusal score of each prompt ``[len(instructions)]`` (computed from the same
+    forward pass, for the train-prompt filter).
     """
     positions = list(positions)
     if not positions or max(positions) >= 0:
         raise ValueError(f"positions must be negative offsets from the end of the prompt, got {positions}")
     index = torch.tensor(positions)
     out = torch.empty(len(instructions), len(positions), adapter.n_layers, adapter.d_model, dtype=torch.float32)
+    scores = torch.empty(len(instructions), dtype=torch.float32)
     rows = slice(0, 0)
 
     def recorder(layer: int):
@@ -57,6 +60,17 @@ def cache_activations(
             enc = adapter.encode_instructions(batch)
             if enc["input_ids"].shape[1] < -min(positions):
                 raise ValueError(f"Prompts are shorter than {-min(positions)} tokens; use fewer positions.")
-            adapter.model(**enc, logits_to_keep=1, use_cache=False)
+            logits = adapter.model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1]
+            scores[rows] = refusal_score(logits, adapter.refusal_token_ids).cpu()
             bar.update(len(batch))
-    return out
+    return out, scores
+
+
+def refusal_score(logits: Tensor, refusal_token_ids: Sequence[int], eps: float = 1e-8) -> Tensor:
+    """log(p + eps) - log(1 - p + eps) with p the total probability of the refusal tokens.
+
+    logits: [..., vocab] at the last prompt position -> [...] float32.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    p = probs[..., list(refusal_token_ids)].sum(-1)
+    return torch.log(p + eps) - torch.log(1 - p + eps)

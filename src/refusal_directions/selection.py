@@ -1,0 +1,354 @@
+"""Scoring, filtering and ranking of candidate components (DESIGN.md §7, reference semantics).
+
+Metrics on the validation prompts, at the last prompt position:
+
+* refusal score: log(p_ref + eps) - log(1 - p_ref + eps), p_ref = total probability of the
+  refusal tokens;
+* bypass score: mean refusal score on harmful prompts under the method's removal intervention
+  at the candidate's layer only ("local", default) or at all layers ("global");
+* steering score: mean refusal score on harmless prompts with ActAdd of the candidate's
+  direction at its layer, max over the multiplier sweep; the coefficient is m * ||r|| (the
+  diff-in-means norm at that component for diff-in-means, the norm of the best diff-in-means
+  component for the other methods, for fairness);
+* KL: mean KL(baseline || intervened) of the next-token distribution on harmless prompts
+  under the removal.
+
+Local scoring reuses the baseline computation of the layers before the candidate's layer: one
+baseline forward per prompt batch records the residual stream entering every layer and the
+keyword arguments each layer was called with; every candidate at layer l then runs only
+layers l..L-1 (with the intervention's hooks), the final norm and the unembedding of the last
+position.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .activations import refusal_score
+from .directions.base import DirectionSet
+from .interventions import ActAdd, Intervention, Removal, intervene
+from .models import ModelAdapter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SelectionSettings:
+    kl_threshold: float = 0.1
+    prune_layer_fraction: float = 0.2
+    actadd_multipliers: Sequence[float] = (0.5, 1.0, 2.0)
+    scoring: str = "local"  # or "global"
+    compare_rankings: bool = False
+    batch_size: int = 32
+    inlp_k: dict | None = None  # (pos index, layer) -> k, from the INLP k-policy
+
+
+@dataclass
+class Candidate:
+    """Scores of one component of one method."""
+
+    pos_index: int
+    position: int
+    layer: int
+    bypass: float = math.nan
+    kl: float = math.nan
+    steering: float = math.nan
+    steering_by_multiplier: dict[str, float] = field(default_factory=dict)
+    global_bypass: float | None = None
+    accuracy: float | None = None  # INLP first-classifier dev accuracy
+    rank: int = 1
+    filtered_out: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# ---------------------------------------------------------------------- forward helpers
+@dataclass
+class _BatchCache:
+    """The baseline computation of one prompt batch: inputs and kwargs of every layer."""
+
+    layer_inputs: list[Tensor]
+    layer_kwargs: list[dict]
+    last_logits: Tensor  # [B, V] float32
+
+
+@torch.inference_mode()
+def _baseline_pass(adapter: ModelAdapter, enc: dict[str, Tensor]) -> _BatchCache:
+    inputs: list[Tensor | None] = [None] * adapter.n_layers
+    kwargs: list[dict | None] = [None] * adapter.n_layers
+    handles = []
+
+    def recorder(i: int):
+        def record(module, args, kw):
+            inputs[i] = args[0] if args else kw["hidden_states"]
+            kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
+
+        return record
+
+    try:
+        for i, layer in enumerate(adapter.layers):
+            handles.append(layer.register_forward_pre_hook(recorder(i), with_kwargs=True))
+        logits = adapter.model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1].float()
+    finally:
+        for h in handles:
+            h.remove()
+    return _BatchCache(inputs, kwargs, logits)  # type: ignore[arg-type]
+
+
+@torch.inference_mode()
+def _logits_from_layer(adapter: ModelAdapter, cache: _BatchCache, layer: int) -> Tensor:
+    """Run layers ``layer``..L-1 from the cached input (hooks installed by the caller fire)."""
+    hidden = cache.layer_inputs[layer]
+    for j in range(layer, adapter.n_layers):
+        out = adapter.layers[j](hidden, **cache.layer_kwargs[j])
+        hidden = out[0] if isinstance(out, tuple) else out
+    return adapter.logits_from_hidden(hidden[:, -1]).float()
+
+
+@torch.inference_mode()
+def _full_logits(adapter: ModelAdapter, enc: dict[str, Tensor]) -> Tensor:
+    return adapter.model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1].float()
+
+
+def kl_divergence(base_logits: Tensor, new_logits: Tensor) -> Tensor:
+    """KL(base || new) per row of [B, V] logits, in float32."""
+    base = torch.log_softmax(base_logits.float(), -1)
+    new = torch.log_softmax(new_logits.float(), -1)
+    return (base.exp() * (base - new)).sum(-1)
+
+
+@torch.inference_mode()
+def refusal_scores(adapter: ModelAdapter, instructions: Sequence[str], batch_size: int = 32,
+                   intervention: Intervention | None = None) -> Tensor:
+    """Refusal score of each prompt [N] (float32, CPU), optionally under an intervention."""
+    out = []
+    with intervene(adapter, intervention):
+        for start in range(0, len(instructions), batch_size):
+            enc = adapter.encode_instructions(instructions[start : start + batch_size])
+            out.append(refusal_score(_full_logits(adapter, enc), adapter.refusal_token_ids).cpu())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------- candidates
+def removal_for(directions: DirectionSet, pos_index: int, layer: int, layers: Sequence[int],
+                k: int | None = None, name: str = "removal") -> Removal:
+    """The method's removal intervention for component (pos_index, layer) applied at ``layers``."""
+    return Removal(directions.eraser(pos_index, layer, k), list(layers), name=name)
+
+
+def actadd_for(directions: DirectionSet, pos_index: int, layer: int, coefficient: float) -> ActAdd:
+    """ActAdd of the component's unit direction times ``coefficient`` (signed) at its layer."""
+    return ActAdd(coefficient * directions.direction[pos_index, layer].float(), layer)
+
+
+def score_candidates(
+    adapter: ModelAdapter,
+    directions: DirectionSet,
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    settings: SelectionSettings,
+    steering_norm: Callable[[int, int], float],
+    reuse_steering: dict[tuple[int, int], tuple[float, dict]] | None = None,
+) -> list[Candidate]:
+    """Bypass, KL and steering scores for every (position, layer) of ``directions``.
+
+    ``steering_norm(p, l)``: the ActAdd scale ||r|| for that component. ``reuse_steering``: steering
+    scores already computed for the same directions (LEACE steers along r̂, like diff-in-means).
+    """
+    P, L = directions.n_positions, directions.n_layers
+    k_of = settings.inlp_k or {}
+    cands = {(p, l): Candidate(p, directions.positions[p], l, rank=int(k_of.get((p, l), directions.rank[p, l])))
+             for p in range(P) for l in range(L)}
+    sums: dict[tuple[int, int], dict[str, float]] = {key: {} for key in cands}
+
+    def add(key, metric, value: Tensor):
+        sums[key][metric] = sums[key].get(metric, 0.0) + float(value.double().sum())
+
+    local = settings.scoring == "local"
+    total = P * L * (len(harmful_val) + len(harmless_val))
+    with tqdm(total=total, desc=f"select {directions.method}", unit="cand·prompt", leave=False) as bar:
+        for harmful, prompts in ((True, harmful_val), (False, harmless_val)):
+            for start in range(0, len(prompts), settings.batch_size):
+                batch = prompts[start : start + settings.batch_size]
+                enc = adapter.encode_instructions(batch)
+                cache = _baseline_pass(adapter, enc)
+                for (p, l), cand in cands.items():
+                    removal = removal_for(directions, p, l, [l] if local else range(L), cand.rank)
+                    with intervene(adapter, removal):
+                        logits = _logits_from_layer(adapter, cache, l) if local else _full_logits(adapter, enc)
+                    if harmful:
+                        add((p, l), "bypass", refusal_score(logits, adapter.refusal_token_ids))
+                    else:
+                        add((p, l), "kl", kl_divergence(cache.last_logits, logits))
+                        if reuse_steering is None:
+                            for m in settings.actadd_multipliers:
+                                steer = actadd_for(directions, p, l, m * steering_norm(p, l))
+                                with intervene(adapter, steer):
+                                    logits = _logits_from_layer(adapter, cache, l)
+                                add((p, l), f"steer{m}", refusal_score(logits, adapter.refusal_token_ids))
+                    bar.update(len(batch))
+                del cache
+    for key, cand in cands.items():
+        cand.bypass = sums[key]["bypass"] / len(harmful_val)
+        cand.kl = sums[key]["kl"] / len(harmless_val)
+        if reuse_steering is not None:
+            cand.steering, cand.steering_by_multiplier = reuse_steering[key]
+        else:
+            cand.steering_by_multiplier = {str(m): sums[key][f"steer{m}"] / len(harmless_val) for m in settings.actadd_multipliers}
+            cand.steering = max(cand.steering_by_multiplier.values())
+    if "accuracies" in directions.extras:
+        for (p, l), cand in cands.items():
+            cand.accuracy = float(directions.extras["accuracies"][p, l, 0])
+    return list(cands.values())
+
+
+def global_bypass_scores(adapter: ModelAdapter, directions: DirectionSet, candidates: list[Candidate],
+                         harmful_val: Sequence[str], batch_size: int) -> None:
+    """Fill ``global_bypass`` (removal at all layers) for ``--compare-rankings``."""
+    for cand in tqdm(candidates, desc=f"global {directions.method}", leave=False):
+        removal = removal_for(directions, cand.pos_index, cand.layer, range(adapter.n_layers), cand.rank)
+        cand.global_bypass = float(refusal_scores(adapter, harmful_val, batch_size, removal).mean())
+
+
+# ---------------------------------------------------------------------- filter and rank
+def apply_filters(candidates: list[Candidate], n_layers: int, kl_threshold: float, prune_layer_fraction: float) -> None:
+    """Mark candidates the reference discards: KL > threshold, steering < 0, late layers, NaN."""
+    first_pruned = n_layers - int(prune_layer_fraction * n_layers)
+    for cand in candidates:
+        reasons = []
+        if any(math.isnan(v) for v in (cand.bypass, cand.kl, cand.steering)):
+            reasons.append("nan")
+        if cand.kl > kl_threshold:
+            reasons.append(f"kl>{kl_threshold}")
+        if cand.steering < 0:
+            reasons.append("steering<0")
+        if cand.layer >= first_pruned:
+            reasons.append(f"layer>={first_pruned}")
+        cand.filtered_out = reasons
+
+
+def rank_candidates(method: str, candidates: list[Candidate]) -> list[Candidate]:
+    """diff-in-means and LEACE: lowest bypass first; INLP: highest first-classifier accuracy, then bypass."""
+    def bypass_key(c: Candidate) -> float:
+        return math.inf if math.isnan(c.bypass) else c.bypass
+
+    if method == "inlp":
+        return sorted(candidates, key=lambda c: (-(c.accuracy or 0.0), bypass_key(c)))
+    return sorted(candidates, key=bypass_key)
+
+
+@dataclass
+class MethodSelection:
+    """The outcome of selection for one method."""
+
+    method: str
+    ranked: list[Candidate]
+    best: Candidate
+    fallback_warning: str | None
+    scope_layers: list[int]
+    spearman: float | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "best": self.best.to_dict(),
+            "fallback_warning": self.fallback_warning,
+            "scope_layers": self.scope_layers,
+            "spearman_local_global": self.spearman,
+            "ranked": [c.to_dict() for c in self.ranked],
+        }
+
+
+def choose(method: str, ranked: list[Candidate], n_layers: int, scope: str, top_fraction: float | None) -> MethodSelection:
+    """Best filtered component (fallback: best unfiltered, with a warning) and the scope's layers.
+
+    Scope (DESIGN.md §7): "all" layers; "top": the layers of the first max(1, int(f * N)) entries
+    of the unfiltered ranked list; "one": the layer of its first entry.
+    """
+    passing = [c for c in ranked if not c.filtered_out]
+    warning = None
+    if passing:
+        best = passing[0]
+    else:
+        best = ranked[0]
+        reasons = sorted({r for c in ranked for r in c.filtered_out})
+        warning = (
+            f"{method}: no candidate passed the filters ({', '.join(reasons)}); using the best unfiltered "
+            f"candidate (position {best.position}, layer {best.layer})."
+        )
+        log.warning(warning)
+    if scope == "all":
+        layers = list(range(n_layers))
+    else:
+        n = 1 if scope == "one" else max(1, int((top_fraction or 0) * len(ranked)))
+        layers = sorted({c.layer for c in ranked[:n]})
+    return MethodSelection(method, ranked, best, warning, layers)
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    def ranks(x):
+        x = np.asarray(x, dtype=float)
+        order = np.argsort(x, kind="mergesort")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x), dtype=float)
+        for value in np.unique(x):
+            tie = x == value
+            r[tie] = r[tie].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return math.nan
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def select_components(
+    adapter: ModelAdapter,
+    direction_sets: dict[str, DirectionSet],
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    settings: SelectionSettings,
+    scope: str = "all",
+    top_fraction: float | None = None,
+) -> dict[str, MethodSelection]:
+    """Score, filter, rank and choose components for every method (diff-in-means first).
+
+    The diff-in-means selection fixes the ActAdd norm ||r_best|| used for the other methods.
+    """
+    results: dict[str, MethodSelection] = {}
+    order = sorted(direction_sets, key=lambda m: {"diff_in_means": 0, "inlp": 1, "leace": 2}.get(m, 3))
+    best_norm: float | None = None
+    dim_steering = None
+    for method in order:
+        directions = direction_sets[method]
+        if method == "diff_in_means" or best_norm is None:
+            norm_fn = lambda p, l, d=directions: float(d.scale[p, l])  # noqa: E731
+        else:
+            norm_fn = lambda p, l, n=best_norm: n  # noqa: E731
+        reuse = dim_steering if method == "leace" else None
+        cands = score_candidates(
+            adapter, directions, harmful_val, harmless_val,
+            SelectionSettings(**{**settings.__dict__, "inlp_k": settings.inlp_k if method == "inlp" else None}),
+            norm_fn, reuse,
+        )
+        apply_filters(cands, adapter.n_layers, settings.kl_threshold, settings.prune_layer_fraction)
+        ranked = rank_candidates(method, cands)
+        result = choose(method, ranked, adapter.n_layers, scope, top_fraction)
+        if settings.compare_rankings:
+            global_bypass_scores(adapter, directions, cands, harmful_val, settings.batch_size)
+            result.spearman = spearman([c.bypass for c in cands], [c.global_bypass for c in cands])
+        if method == "diff_in_means":
+            best_norm = float(directions.scale[result.best.pos_index, result.best.layer])
+            dim_steering = {(c.pos_index, c.layer): (c.steering, c.steering_by_multiplier) for c in cands}
+        results[method] = result
+    return results
