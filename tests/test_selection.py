@@ -8,10 +8,10 @@ import torch
 from refusal_directions.activations import cache_activations
 from refusal_directions.directions.diff_in_means import fit_diff_in_means
 from refusal_directions.directions.leace import fit_leace
-from refusal_directions.interventions import ActAdd, intervene
+from refusal_directions.interventions import ActAdd, intervene, removal_for
 from refusal_directions.selection import (
     Candidate, SelectionSettings, apply_filters, choose, kl_divergence, rank_candidates, refusal_scores,
-    removal_for, score_candidates, select_components, spearman,
+    score_candidates, select_components, spearman,
 )
 from tiny import make_adapter
 

@@ -30,7 +30,7 @@ from typing import Iterator, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from .directions.base import Eraser
+from .directions.base import DirectionSet, Eraser
 from .hooks import Hook, HookFn, apply_hooks
 from .models import ModelAdapter
 
@@ -218,3 +218,58 @@ def applied(adapter: ModelAdapter, intervention: Intervention | None, bake_weigh
             return
     with intervene(adapter, intervention):
         yield "hooks"
+
+
+# ---------------------------------------------------------------------- constructors and plans
+def removal_for(directions: DirectionSet, pos_index: int, layer: int, layers: Sequence[int], k: int | None = None,
+                alpha: float = 1.0, mode: ReflectionMode = "reference", affine: bool = True) -> Removal:
+    """The method's removal (or reflection) of component (pos_index, layer), applied at ``layers``."""
+    return Removal(directions.eraser(pos_index, layer, k, affine=affine), list(layers), alpha, mode, affine)
+
+
+def actadd_for(directions: DirectionSet, pos_index: int, layer: int, coefficient: float) -> ActAdd:
+    """ActAdd of the component's unit direction times ``coefficient`` (signed) at its layer."""
+    return ActAdd(coefficient * directions.direction[pos_index, layer].float(), layer)
+
+
+@dataclass(frozen=True)
+class InterventionSpec:
+    """A named, serialisable intervention of the evaluation plan.
+
+    kind: "baseline", "removal" (ablation / projection / erasure), "reflection" (alpha != 1) or
+    "actadd" (coefficient = |c|; subtracted on harmful prompts to remove refusal, added on
+    harmless prompts to induce it; capability metrics use the harmful-side sign).
+    """
+
+    name: str
+    kind: str
+    method: str | None = None
+    pos_index: int = 0
+    position: int = -1
+    layer: int = 0
+    layers: tuple[int, ...] = ()
+    alpha: float = 1.0
+    mode: str = "reference"
+    affine: bool = True
+    coefficient: float = 0.0
+    k: int | None = None
+
+    def build(self, direction_sets: dict[str, DirectionSet], harmful: bool = True) -> Intervention | None:
+        if self.kind == "baseline":
+            return None
+        directions = direction_sets[self.method]
+        if self.kind == "actadd":
+            sign = -1.0 if harmful else 1.0
+            return actadd_for(directions, self.pos_index, self.layer, sign * self.coefficient)
+        return removal_for(directions, self.pos_index, self.layer, self.layers, self.k, self.alpha,
+                           self.mode, self.affine)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "layers": list(self.layers)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InterventionSpec":
+        return cls(**{**d, "layers": tuple(d["layers"])})
+
+
+REMOVAL_NAMES = {"diff_in_means": "ablation", "inlp": "projection", "leace": "erasure"}

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .activations import refusal_score
 from .directions.base import DirectionSet
-from .interventions import ActAdd, Intervention, Removal, intervene
+from .interventions import Intervention, actadd_for, intervene, removal_for
 from .models import ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,10 @@ class Candidate:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Candidate":
+        return cls(**d)
 
 
 # ---------------------------------------------------------------------- forward helpers
@@ -136,18 +140,6 @@ def refusal_scores(adapter: ModelAdapter, instructions: Sequence[str], batch_siz
             enc = adapter.encode_instructions(instructions[start : start + batch_size])
             out.append(refusal_score(_full_logits(adapter, enc), adapter.refusal_token_ids).cpu())
     return torch.cat(out)
-
-
-# ---------------------------------------------------------------------- candidates
-def removal_for(directions: DirectionSet, pos_index: int, layer: int, layers: Sequence[int],
-                k: int | None = None, name: str = "removal") -> Removal:
-    """The method's removal intervention for component (pos_index, layer) applied at ``layers``."""
-    return Removal(directions.eraser(pos_index, layer, k), list(layers), name=name)
-
-
-def actadd_for(directions: DirectionSet, pos_index: int, layer: int, coefficient: float) -> ActAdd:
-    """ActAdd of the component's unit direction times ``coefficient`` (signed) at its layer."""
-    return ActAdd(coefficient * directions.direction[pos_index, layer].float(), layer)
 
 
 def score_candidates(
@@ -267,6 +259,12 @@ class MethodSelection:
             "ranked": [c.to_dict() for c in self.ranked],
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "MethodSelection":
+        ranked = [Candidate.from_dict(c) for c in d["ranked"]]
+        best = next(c for c in ranked if (c.pos_index, c.layer) == (d["best"]["pos_index"], d["best"]["layer"]))
+        return cls(d["method"], ranked, best, d["fallback_warning"], d["scope_layers"], d.get("spearman_local_global"))
+
 
 def choose(method: str, ranked: list[Candidate], n_layers: int, scope: str, top_fraction: float | None) -> MethodSelection:
     """Best filtered component (fallback: best unfiltered, with a warning) and the scope's layers.
@@ -312,6 +310,43 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def select_method(
+    adapter: ModelAdapter,
+    directions: DirectionSet,
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    settings: SelectionSettings,
+    scope: str = "all",
+    top_fraction: float | None = None,
+    best_dim_norm: float | None = None,
+    dim_steering: dict[tuple[int, int], tuple[float, dict]] | None = None,
+) -> MethodSelection:
+    """Score, filter, rank and choose the components of one method.
+
+    ``best_dim_norm``: ||r|| of the selected diff-in-means component, the ActAdd scale of the other
+    methods (None: each component's own diff-in-means norm). ``dim_steering``: diff-in-means
+    steering scores, reused for LEACE, which steers along the same r̂.
+    """
+    method = directions.method
+    if method == "diff_in_means" or best_dim_norm is None:
+        norm_fn = lambda p, l: float(directions.scale[p, l])  # noqa: E731
+    else:
+        norm_fn = lambda p, l: best_dim_norm  # noqa: E731
+    reuse = dim_steering if method == "leace" else None
+    cands = score_candidates(adapter, directions, harmful_val, harmless_val, settings, norm_fn, reuse)
+    apply_filters(cands, adapter.n_layers, settings.kl_threshold, settings.prune_layer_fraction)
+    result = choose(method, rank_candidates(method, cands), adapter.n_layers, scope, top_fraction)
+    if settings.compare_rankings:
+        global_bypass_scores(adapter, directions, cands, harmful_val, settings.batch_size)
+        result.spearman = spearman([c.bypass for c in cands], [c.global_bypass for c in cands])
+    return result
+
+
+def steering_table(selection: MethodSelection) -> dict[tuple[int, int], tuple[float, dict]]:
+    """(pos index, layer) -> (steering score, per multiplier), for reuse by LEACE."""
+    return {(c.pos_index, c.layer): (c.steering, c.steering_by_multiplier) for c in selection.ranked}
+
+
 def select_components(
     adapter: ModelAdapter,
     direction_sets: dict[str, DirectionSet],
@@ -321,34 +356,16 @@ def select_components(
     scope: str = "all",
     top_fraction: float | None = None,
 ) -> dict[str, MethodSelection]:
-    """Score, filter, rank and choose components for every method (diff-in-means first).
-
-    The diff-in-means selection fixes the ActAdd norm ||r_best|| used for the other methods.
-    """
+    """``select_method`` for every method, diff-in-means first (it fixes ||r_best|| for the others)."""
     results: dict[str, MethodSelection] = {}
-    order = sorted(direction_sets, key=lambda m: {"diff_in_means": 0, "inlp": 1, "leace": 2}.get(m, 3))
-    best_norm: float | None = None
-    dim_steering = None
-    for method in order:
+    best_norm, dim_steering = None, None
+    for method in sorted(direction_sets, key=lambda m: m != "diff_in_means"):
         directions = direction_sets[method]
-        if method == "diff_in_means" or best_norm is None:
-            norm_fn = lambda p, l, d=directions: float(d.scale[p, l])  # noqa: E731
-        else:
-            norm_fn = lambda p, l, n=best_norm: n  # noqa: E731
-        reuse = dim_steering if method == "leace" else None
-        cands = score_candidates(
-            adapter, directions, harmful_val, harmless_val,
-            SelectionSettings(**{**settings.__dict__, "inlp_k": settings.inlp_k if method == "inlp" else None}),
-            norm_fn, reuse,
-        )
-        apply_filters(cands, adapter.n_layers, settings.kl_threshold, settings.prune_layer_fraction)
-        ranked = rank_candidates(method, cands)
-        result = choose(method, ranked, adapter.n_layers, scope, top_fraction)
-        if settings.compare_rankings:
-            global_bypass_scores(adapter, directions, cands, harmful_val, settings.batch_size)
-            result.spearman = spearman([c.bypass for c in cands], [c.global_bypass for c in cands])
+        method_settings = replace(settings, inlp_k=settings.inlp_k if method == "inlp" else None)
+        result = select_method(adapter, directions, harmful_val, harmless_val, method_settings, scope,
+                               top_fraction, best_norm, dim_steering)
         if method == "diff_in_means":
             best_norm = float(directions.scale[result.best.pos_index, result.best.layer])
-            dim_steering = {(c.pos_index, c.layer): (c.steering, c.steering_by_multiplier) for c in cands}
+            dim_steering = steering_table(result)
         results[method] = result
     return results

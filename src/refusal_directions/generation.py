@@ -1,0 +1,74 @@
+"""Batched greedy generation (left padding), under whatever intervention the caller installed."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .models import ModelAdapter
+
+log = logging.getLogger(__name__)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def stop_token_ids(adapter: ModelAdapter) -> list[int]:
+    """EOS ids of the generation config and the tokenizer, plus the template's end-of-turn token."""
+    ids: list[int] = []
+    for source in (getattr(adapter.model, "generation_config", None), adapter.model.config):
+        eos = getattr(source, "eos_token_id", None)
+        ids.extend(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if adapter.tokenizer.eos_token_id is not None:
+        ids.append(adapter.tokenizer.eos_token_id)
+    ids.append(adapter.eoi_token_ids[0])  # the template's end-of-user-turn token also ends assistant turns
+    return sorted(set(ids))
+
+
+@torch.inference_mode()
+def generate(
+    adapter: ModelAdapter,
+    instructions: Sequence[str],
+    max_new_tokens: int = 512,
+    batch_size: int = 32,
+    desc: str = "generate",
+) -> list[str]:
+    """Greedy completions of chat-formatted ``instructions``, in input order.
+
+    Prompts are sorted by length so each batch has little padding. On out-of-memory the batch
+    size is halved (with a warning) and the batch retried.
+    """
+    prompts = adapter.format_prompts(instructions)
+    lengths = [len(adapter.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    responses: list[str | None] = [None] * len(prompts)
+    eos = stop_token_ids(adapter)
+    pad = adapter.tokenizer.pad_token_id
+    start = 0
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
+        while start < len(order):
+            idx = order[start : start + batch_size]
+            enc = adapter.encode([prompts[i] for i in idx])
+            try:
+                out = adapter.model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
+                    temperature=None, top_p=None, top_k=None,
+                )
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+                if not _is_oom(exc) or batch_size == 1:
+                    raise
+                batch_size = max(1, batch_size // 2)
+                log.warning("Out of memory while generating; retrying with batch size %d.", batch_size)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            texts = adapter.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for i, text in zip(idx, texts):
+                responses[i] = text.strip()
+            start += len(idx)
+            bar.update(len(idx))
+    return [r or "" for r in responses]

@@ -1,0 +1,508 @@
+"""Stage orchestration and the artifact store: extract -> select -> infer -> evaluate -> report.
+
+A run folder is ``<output_dir>/<model-alias>/<key>/`` where ``key`` hashes the model fingerprint
+and every setting that changes the directions and the selection (``RunConfig.stage_key``).
+Every artifact records the key of the stage that made it; a rerun reuses each artifact whose key
+matches and recomputes the rest, so settings of later stages (generation length, evaluation
+sizes) can change without redoing extraction and selection. Every file is written atomically
+(``artifacts``), so killing the process at any moment loses nothing already written.
+
+Layout::
+
+    manifest.json                      config, model, package version, stage keys and timings
+    run.log                            concise log of every invocation
+    extract/prompts.json               sampled train/val prompts, baseline refusal scores, filter
+    extract/activations.safetensors    harmful / harmless residual streams [N, P, L, D]
+    extract/directions_<method>.safetensors
+    extract/geometry.json
+    select/<method>.json               every candidate's scores, the ranking, the choice, the scope
+    select/plots/*.png
+    infer/plan.json                    the interventions
+    infer/<intervention>/<dataset>.jsonl
+    evaluate/<intervention>/<metric>.json
+    evaluate/summary.json
+    report/report.html, report/report.md
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from . import __version__
+from .activations import cache_activations, default_positions
+from .artifacts import read_json, read_jsonl, safetensors_metadata, save_safetensors, load_safetensors, write_json, write_jsonl
+from .config import RunConfig
+from .data import instructions, load_dataset, sample
+from .directions.base import DirectionSet
+from .directions.diff_in_means import fit_diff_in_means
+from .directions.geometry import geometry
+from .generation import generate
+from .interventions import REMOVAL_NAMES, InterventionSpec, applied
+from .models import ModelAdapter, load_model
+from .selection import MethodSelection, SelectionSettings, refusal_scores, select_method, steering_table
+
+log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """A run cannot proceed; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------- the run folder
+@dataclass
+class Run:
+    """One run: its configuration, model and folder."""
+
+    config: RunConfig
+    adapter: ModelAdapter
+    dir: Path
+    key: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def path(self, *parts: str) -> Path:
+        return self.dir.joinpath(*parts)
+
+    def stage_key(self, stage: str) -> str:
+        return self.config.stage_key(stage, self.adapter.fingerprint)
+
+    @property
+    def batch_size(self) -> int:
+        if self.config.batch_size:
+            return self.config.batch_size
+        return 64 if self.adapter.input_device.type == "cuda" else 16
+
+
+def default_batch_size(device: torch.device) -> int:
+    return 64 if device.type == "cuda" else 16
+
+
+def open_run(config: RunConfig, adapter: ModelAdapter | None = None, run_dir: Path | None = None) -> Run:
+    """Load the model (unless given) and open (or create) the run folder for ``config``.
+
+    A folder whose manifest belongs to another model or configuration is refused, unless
+    ``force_overwrite`` is set.
+    """
+    if adapter is None:
+        adapter = load_model(config.model, device=config.device, dtype=config.dtype, chat_template=config.chat_template)
+    key = config.stage_key("select", adapter.fingerprint)
+    folder = Path(run_dir) if run_dir is not None else Path(config.output_dir) / adapter.alias / key
+    manifest_path = folder / "manifest.json"
+    if manifest_path.exists() and not config.force_overwrite:
+        manifest = read_json(manifest_path)
+        if manifest.get("model", {}).get("fingerprint") != adapter.fingerprint:
+            raise RunError(
+                f"{folder} holds a run of another model ({manifest.get('model', {}).get('name')}, fingerprint "
+                f"{manifest.get('model', {}).get('fingerprint')}); choose another folder or pass --force-overwrite."
+            )
+        if manifest.get("key") != key:
+            raise RunError(
+                f"{folder} holds a run with another configuration (key {manifest.get('key')}, this one {key}); "
+                "choose another folder or pass --force-overwrite."
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    run = Run(config, adapter, folder, key)
+    _attach_log_file(folder / "run.log")
+    write_manifest(run)
+    return run
+
+
+def _attach_log_file(path: Path) -> None:
+    root = logging.getLogger("refusal_directions")
+    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
+        return
+    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(h)
+        h.close()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root.addHandler(handler)
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+
+
+def write_manifest(run: Run) -> None:
+    path = run.path("manifest.json")
+    old = read_json(path) if path.exists() else {}
+    timings = {**old.get("timings", {}), **run.timings}
+    write_json(
+        path,
+        {
+            "key": run.key,
+            "config": run.config.to_dict(),
+            "model": {
+                "name": run.adapter.name,
+                "alias": run.adapter.alias,
+                "fingerprint": run.adapter.fingerprint,
+                "n_layers": run.adapter.n_layers,
+                "d_model": run.adapter.d_model,
+                "dtype": str(run.adapter.dtype).replace("torch.", ""),
+                "device": str(run.adapter.input_device),
+            },
+            "stage_keys": {s: run.stage_key(s) for s in ("extract", "select", "infer", "evaluate")},
+            "package_version": __version__,
+            "versions": {"torch": torch.__version__, "python": platform.python_version()},
+            "seed": run.config.seed,
+            "timings": timings,
+        },
+    )
+
+
+@contextmanager
+def timed(run: Run, stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    log.info("%s: started", stage)
+    yield
+    run.timings[stage] = round(time.perf_counter() - start, 2)
+    log.info("%s: done in %.1f s", stage, run.timings[stage])
+    write_manifest(run)
+
+
+def _valid_json(path: Path, key: str) -> Any | None:
+    """The JSON artifact at ``path`` if it exists and was made with ``key``."""
+    if not path.exists():
+        return None
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        log.warning("%s is unreadable; recomputing it.", path)
+        return None
+    return data if isinstance(data, dict) and data.get("key") == key else None
+
+
+def _valid_safetensors(path: Path, key: str) -> bool:
+    try:
+        return path.exists() and safetensors_metadata(path).get("key") == key
+    except Exception:  # a truncated or foreign file: recompute
+        log.warning("%s is unreadable; recomputing it.", path)
+        return False
+
+
+# ---------------------------------------------------------------------- extract
+@dataclass
+class Extraction:
+    prompts: dict
+    direction_sets: dict[str, DirectionSet]
+
+
+def sample_prompts(config: RunConfig) -> dict[str, list[dict]]:
+    """Seeded train/val samples of the harmful and harmless splits."""
+    out = {}
+    for harm in ("harmful", "harmless"):
+        for split, n in (("train", config.n_train), ("val", config.n_val)):
+            out[f"{harm}_{split}"] = sample(load_dataset(f"{harm}_{split}", config.data_dir), n, config.seed)
+    return out
+
+
+def extract(run: Run) -> Extraction:
+    """Activations of the train prompts, then every method's directions and the geometry."""
+    config, adapter = run.config, run.adapter
+    key = run.stage_key("extract")
+    acts_path = run.path("extract", "activations.safetensors")
+    prompts_path = run.path("extract", "prompts.json")
+    with timed(run, "extract"):
+        prompts = _valid_json(prompts_path, key)
+        if prompts is None or not _valid_safetensors(acts_path, key) or config.force_overwrite:
+            prompts = _cache_train_activations(run, key, acts_path, prompts_path)
+        tensors, _ = load_safetensors(acts_path)
+        harmful, harmless = tensors["harmful"], tensors["harmless"]
+        positions = prompts["positions"]
+        sets: dict[str, DirectionSet] = {}
+        for method in ["diff_in_means", *[m for m in config.methods if m != "diff_in_means"]]:
+            path = run.path("extract", f"directions_{method}.safetensors")
+            if _valid_safetensors(path, key) and not config.force_overwrite:
+                sets[method] = DirectionSet.load(path)
+                continue
+            log.info("Fitting %s on %d harmful and %d harmless prompts", method, len(harmful), len(harmless))
+            sets[method] = fit_method(method, harmful, harmless, positions, config, adapter.input_device)
+            sets[method].save(path, {"key": key})
+        write_json(run.path("extract", "geometry.json"),
+                   {"key": key, **geometry(sets["diff_in_means"], sets.get("inlp"), sets.get("leace"))})
+    return Extraction(prompts, sets)
+
+
+def fit_method(method: str, harmful, harmless, positions, config: RunConfig, device) -> DirectionSet:
+    if method == "diff_in_means":
+        return fit_diff_in_means(harmful, harmless, positions)
+    if method == "inlp":
+        from .directions.inlp import INLPConfig, fit_inlp
+
+        inlp_config = INLPConfig(max_iter=config.inlp_max_iter, min_accuracy=config.inlp_min_accuracy, C=config.inlp_c,
+                                 seed=config.seed, stop_mode=config.inlp_stop_mode)  # type: ignore[arg-type]
+        return fit_inlp(harmful, harmless, inlp_config, positions, device=device)
+    if method == "leace":
+        from .directions.leace import fit_leace
+
+        return fit_leace(harmful, harmless, positions, device=device)
+    raise RunError(f"Unknown method {method!r}")
+
+
+def _cache_train_activations(run: Run, key: str, acts_path: Path, prompts_path: Path) -> dict:
+    config, adapter = run.config, run.adapter
+    sampled = sample_prompts(config)
+    positions = config.positions or default_positions(adapter)
+    acts, scores = {}, {}
+    for harm in ("harmful", "harmless"):
+        acts[harm], scores[harm] = cache_activations(
+            adapter, instructions(sampled[f"{harm}_train"]), positions, run.batch_size, desc=f"{harm} activations"
+        )
+    keep = {h: torch.ones(len(scores[h]), dtype=torch.bool) for h in scores}
+    if config.filter_train:
+        keep = {"harmful": scores["harmful"] > 0, "harmless": scores["harmless"] < 0}
+        for harm, mask in keep.items():
+            if int(mask.sum()) < 4:
+                raise RunError(
+                    f"Only {int(mask.sum())} of {len(mask)} {harm} train prompts pass the baseline refusal filter "
+                    f"(the model {'rarely refuses' if harm == 'harmful' else 'refuses most'} of them); "
+                    "pass --no-filter-train or use more prompts."
+                )
+        log.info("Train filter kept %d/%d harmful and %d/%d harmless prompts", int(keep["harmful"].sum()),
+                 len(keep["harmful"]), int(keep["harmless"].sum()), len(keep["harmless"]))
+    save_safetensors(acts_path, {h: acts[h][keep[h]] for h in acts},
+                     {"key": key, "fingerprint": adapter.fingerprint, "positions": str(list(positions))})
+    prompts = {"key": key, "positions": list(positions)}
+    for harm in ("harmful", "harmless"):
+        prompts[f"{harm}_train"] = [
+            {**r, "refusal_score": float(s), "kept": bool(k)}
+            for r, s, k in zip(sampled[f"{harm}_train"], scores[harm], keep[harm])
+        ]
+        prompts[f"{harm}_val"] = sampled[f"{harm}_val"]
+    write_json(prompts_path, prompts)
+    return prompts
+
+
+def separation_summary(sets: dict[str, DirectionSet], harmful, harmless) -> list[dict]:
+    """For each method, the best-separating (position, layer), for the extraction summary.
+
+    diff-in-means and LEACE: largest d' of the train projections on the read-out direction (r̂, or
+    LEACE's W); INLP: highest first-classifier dev accuracy. INLP's rank there is reported.
+    """
+    rows = []
+    for method, ds in sets.items():
+        if method == "inlp":
+            acc = ds.extras["accuracies"][..., 0]
+            p, l = divmod(int(torch.nan_to_num(acc, -1.0).argmax()), ds.n_layers)
+            rows.append({"method": method, "position": ds.positions[p], "layer": l,
+                         "score": f"dev acc {float(acc[p, l]):.3f}", "inlp_rank": int(ds.rank[p, l])})
+            continue
+        readout = ds.direction if ds.right is None else ds.right[..., 0]
+        readout = readout / readout.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        ph, pb = (harmful * readout).sum(-1), (harmless * readout).sum(-1)  # [N, P, L]
+        pooled = ((ph.var(0) + pb.var(0)) / 2).sqrt().clamp_min(1e-12)
+        d_prime = ((ph.mean(0) - pb.mean(0)) / pooled).abs()
+        p, l = divmod(int(d_prime.argmax()), ds.n_layers)
+        row = {"method": method, "position": ds.positions[p], "layer": l, "score": f"d' {float(d_prime[p, l]):.2f}"}
+        if "inlp" in sets:
+            row["inlp_rank"] = int(sets["inlp"].rank[p, l])
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------- select
+def load_extraction(run: Run) -> Extraction:
+    key = run.stage_key("extract")
+    prompts = _valid_json(run.path("extract", "prompts.json"), key)
+    sets = {}
+    for method in ["diff_in_means", *run.config.methods]:
+        path = run.path("extract", f"directions_{method}.safetensors")
+        if prompts is None or not _valid_safetensors(path, key):
+            raise RunError(f"No valid extraction in {run.dir} for this configuration; run `refusal-directions extract` first.")
+        sets[method] = DirectionSet.load(path)
+    return Extraction(prompts, sets)
+
+
+def inlp_k_table(run: Run, inlp: DirectionSet) -> dict[tuple[int, int], int]:
+    from .directions.inlp import k_for_policy
+
+    k = k_for_policy(inlp, run.config.inlp_k_policy, run.config.inlp_k)  # type: ignore[arg-type]
+    return {(p, l): int(k[p, l]) for p in range(k.shape[0]) for l in range(k.shape[1])}
+
+
+def filtered_val_prompts(run: Run, prompts: dict) -> tuple[list[str], list[str]]:
+    """Validation prompts, with the baseline refusal filter when ``filter_train`` is on."""
+    harmful = instructions(prompts["harmful_val"])
+    harmless = instructions(prompts["harmless_val"])
+    if not run.config.filter_train:
+        return harmful, harmless
+    hs = refusal_scores(run.adapter, harmful, run.batch_size)
+    bs = refusal_scores(run.adapter, harmless, run.batch_size)
+    kept_h = [p for p, s in zip(harmful, hs) if s > 0]
+    kept_b = [p for p, s in zip(harmless, bs) if s < 0]
+    if not kept_h or not kept_b:
+        raise RunError("No validation prompts pass the baseline refusal filter; pass --no-filter-train.")
+    log.info("Validation filter kept %d/%d harmful and %d/%d harmless prompts", len(kept_h), len(harmful), len(kept_b), len(harmless))
+    return kept_h, kept_b
+
+
+def select(run: Run, extraction: Extraction | None = None) -> dict[str, MethodSelection]:
+    """Score and rank every method's candidates on the validation prompts (diff-in-means first)."""
+    config = run.config
+    extraction = extraction or load_extraction(run)
+    key = run.stage_key("select")
+    settings = SelectionSettings(
+        kl_threshold=config.kl_threshold, prune_layer_fraction=config.prune_layer_fraction,
+        actadd_multipliers=config.actadd_multipliers, scoring=config.scoring,
+        compare_rankings=config.compare_rankings, batch_size=run.batch_size,
+    )
+    results: dict[str, MethodSelection] = {}
+    val: tuple[list[str], list[str]] | None = None
+    with timed(run, "select"):
+        best_norm, dim_steering = None, None
+        for method in ["diff_in_means", *[m for m in config.methods if m != "diff_in_means"]]:
+            path = run.path("select", f"{method}.json")
+            saved = None if config.force_overwrite else _valid_json(path, key)
+            if saved is not None:
+                result = MethodSelection.from_dict(saved)
+            else:
+                if val is None:
+                    val = filtered_val_prompts(run, extraction.prompts)
+                directions = extraction.direction_sets[method]
+                method_settings = SelectionSettings(**{**settings.__dict__, "inlp_k": inlp_k_table(run, directions) if method == "inlp" else None})
+                result = select_method(run.adapter, directions, val[0], val[1], method_settings, config.scope,
+                                       config.top_fraction, best_norm, dim_steering)
+                write_json(path, {"key": key, "n_val": {"harmful": len(val[0]), "harmless": len(val[1])}, **result.to_dict()})
+            if method == "diff_in_means":
+                best_norm = float(extraction.direction_sets[method].scale[result.best.pos_index, result.best.layer])
+                dim_steering = steering_table(result)
+            if method in config.methods:
+                results[method] = result
+        _selection_plots(run, results, extraction)
+    return results
+
+
+def _selection_plots(run: Run, results: dict[str, MethodSelection], extraction: Extraction) -> None:
+    try:
+        from .report import plot_selection
+    except ImportError:  # the report module is optional for the selection stage
+        return
+    plot_selection(results, run.adapter.n_layers, extraction.direction_sets["diff_in_means"].positions,
+                   run.path("select", "plots"))
+
+
+def load_selection(run: Run) -> dict[str, MethodSelection]:
+    key = run.stage_key("select")
+    out = {}
+    for method in run.config.methods:
+        saved = _valid_json(run.path("select", f"{method}.json"), key)
+        if saved is None:
+            raise RunError(f"No valid selection for {method} in {run.dir}; run `refusal-directions select` first.")
+        out[method] = MethodSelection.from_dict(saved)
+    return out
+
+
+# ---------------------------------------------------------------------- infer
+def plan_interventions(run: Run, selections: dict[str, MethodSelection], sets: dict[str, DirectionSet]) -> list[InterventionSpec]:
+    """Baseline, each method's removal at its scope, and the ActAdd / reflection variants.
+
+    ActAdd uses m * ||r_best|| for every method (r_best: the selected diff-in-means component).
+    Reflection with alpha = 1 equals the removal and is not repeated.
+    """
+    config = run.config
+    dim = selections.get("diff_in_means")
+    dim_sets = sets["diff_in_means"]
+    best_norm = float(dim_sets.scale[dim.best.pos_index, dim.best.layer]) if dim else None
+    specs = [InterventionSpec("baseline", "baseline")]
+    for method, sel in selections.items():
+        best = sel.best
+        common = dict(method=method, pos_index=best.pos_index, position=best.position, layer=best.layer,
+                      layers=tuple(sel.scope_layers), k=best.rank if method == "inlp" else None)
+        specs.append(InterventionSpec(f"{method}.{REMOVAL_NAMES[method]}", "removal", **common))
+        if method == "leace":
+            specs.append(InterventionSpec("leace.erasure-nonaffine", "removal", affine=False, **common))
+        if config.intervention_mode in ("actadd", "both") and method != "leace":  # LEACE steers along r̂: same as diff-in-means
+            norm = best_norm if best_norm is not None else float(sets[method].scale[best.pos_index, best.layer])
+            for m in config.actadd_multipliers:
+                specs.append(InterventionSpec(f"{method}.actadd-x{m:g}", "actadd", coefficient=m * norm, **common))
+        if config.intervention_mode in ("reflection", "both"):
+            for alpha in config.reflection_alphas:
+                if alpha != 1.0:
+                    specs.append(InterventionSpec(f"{method}.reflection-a{alpha:g}-{config.reflection_mode}", "reflection",
+                                                  alpha=alpha, mode=config.reflection_mode, **common))
+    return specs
+
+
+def eval_prompt_sets(config: RunConfig) -> dict[str, list[dict]]:
+    """Harmful evaluation sets (``n_test`` each, seeded) and the harmless test prompts."""
+    out = {}
+    for name in config.eval_datasets:
+        out[name] = sample(load_dataset(name, config.data_dir), min(config.n_test, len(load_dataset(name, config.data_dir))), config.seed)
+    out[config.harmless_eval] = sample(load_dataset(config.harmless_eval, config.data_dir), config.n_test, config.seed)
+    return out
+
+
+def infer(run: Run, selections: dict[str, MethodSelection] | None = None,
+          sets: dict[str, DirectionSet] | None = None) -> list[InterventionSpec]:
+    """Completions of every evaluation set under every planned intervention."""
+    config = run.config
+    sets = sets or load_extraction(run).direction_sets
+    selections = selections or load_selection(run)
+    plan = plan_interventions(run, selections, sets)
+    key = run.stage_key("infer")
+    write_json(run.path("infer", "plan.json"), {"key": key, "interventions": [s.to_dict() for s in plan]})
+    prompt_sets = eval_prompt_sets(config)
+    bake = config.bake_weights == "auto"
+    with timed(run, "infer"):
+        for spec in plan:
+            for dataset, records in prompt_sets.items():
+                path = run.path("infer", spec.name, f"{dataset}.jsonl")
+                if not config.force_overwrite and _completions_valid(path, key, len(records)):
+                    continue
+                harmful = dataset != config.harmless_eval
+                with applied(run.adapter, spec.build(sets, harmful), bake_weights=bake) as how:
+                    responses = generate(run.adapter, instructions(records), config.max_new_tokens, run.batch_size,
+                                         desc=f"{spec.name} / {dataset}")
+                write_jsonl(path, [
+                    {"prompt": r["instruction"], "category": r.get("category"), "response": resp,
+                     "intervention": spec.name, "dataset": dataset, "applied_as": how, "key": key}
+                    for r, resp in zip(records, responses)
+                ])
+    return plan
+
+
+def _completions_valid(path: Path, key: str, n: int) -> bool:
+    if not path.exists():
+        return False
+    try:
+        rows = read_jsonl(path)
+    except (OSError, ValueError):
+        return False
+    return len(rows) == n and all(r.get("key") == key for r in rows)
+
+
+def load_plan(run: Run) -> list[InterventionSpec]:
+    saved = _valid_json(run.path("infer", "plan.json"), run.stage_key("infer"))
+    if saved is None:
+        raise RunError(f"No generation plan in {run.dir} for this configuration; run `refusal-directions infer` first.")
+    return [InterventionSpec.from_dict(d) for d in saved["interventions"]]
+
+
+def load_completions(run: Run, spec: InterventionSpec, dataset: str) -> list[dict]:
+    path = run.path("infer", spec.name, f"{dataset}.jsonl")
+    if not _completions_valid(path, run.stage_key("infer"), len(read_jsonl(path)) if path.exists() else -1):
+        raise RunError(f"Missing or stale completions {path}; run `refusal-directions infer` first.")
+    return read_jsonl(path)
+
+
+def free_model(run: Run) -> None:
+    """Release the evaluated model's memory (before loading a judge)."""
+    run.adapter.model.to("meta") if False else None
+    del run.adapter.model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def is_finite(x: float | None) -> bool:
+    return x is not None and not math.isnan(x)
+
+
+__all__ = ["Run", "RunError", "extract", "select", "infer", "open_run", "plan_interventions", "Sequence"]
