@@ -83,7 +83,7 @@ def test_ranking_and_choice():
     assert [c.layer for c in inlp] == [3, 2, 0, 1]
     sel = choose("diff_in_means", dim, 10, "top", 0.5)
     assert sel.best.layer == 1 and sel.fallback_warning is None
-    assert sel.scope_layers == [1, 3]  # first int(0.5 * 4) = 2 entries of the unfiltered list
+    assert sel.scope_layers == [1, 3]  # first ceil(0.5 * 4) = 2 entries of the unfiltered list
     assert choose("diff_in_means", dim, 10, "one", None).scope_layers == [3]
     assert choose("diff_in_means", dim, 10, "all", None).scope_layers == list(range(10))
     assert choose("diff_in_means", dim, 10, "top", 0.01).scope_layers == [3]  # at least one

@@ -492,17 +492,339 @@ def load_completions(run: Run, spec: InterventionSpec, dataset: str) -> list[dic
     return read_jsonl(path)
 
 
+# ---------------------------------------------------------------------- evaluate
+def general_text_corpus(config: RunConfig) -> tuple[str, str]:
+    """(dataset name or path, note for the report): the Pile from the hub, LAMBADA from a mirror."""
+    from .data import data_dir_from_env
+
+    if config.general_text:
+        return config.general_text, f"general-text cross-entropy on {config.general_text}"
+    if config.data_dir or data_dir_from_env():
+        return "lambada", "general-text cross-entropy on LAMBADA passages (offline stand-in for the Pile, which is not mirrored)"
+    return "pile", "general-text cross-entropy on the Pile (monology/pile-uncopyrighted, first documents, streamed)"
+
+
+def _metric_path(run: Run, spec: InterventionSpec, metric: str) -> Path:
+    return run.path("evaluate", spec.name, metric.replace("/", "__") + ".json")
+
+
+def _cached_metric(run: Run, spec: InterventionSpec, metric: str, compute) -> dict:
+    """The saved per-item result of ``metric`` for ``spec`` (computed and saved if missing or stale)."""
+    key = run.stage_key("evaluate")
+    path = _metric_path(run, spec, metric)
+    saved = None if run.config.force_overwrite else _valid_json(path, key)
+    if saved is None:
+        saved = {"key": key, **compute()}
+        write_json(path, saved)
+    return saved
+
+
+def evaluate(run: Run, plan: list[InterventionSpec] | None = None, sets: dict[str, DirectionSet] | None = None) -> dict:
+    """Every metric under every intervention, with intervals and paired tests against the baseline."""
+    from .evaluation import summary as S
+    from .evaluation.judges import refusal_outcomes
+
+    config = run.config
+    plan = plan or load_plan(run)
+    sets = sets or load_extraction(run).direction_sets
+    key = run.stage_key("evaluate")
+    notes: list[str] = []
+    with timed(run, "evaluate"):
+        completions = {s.name: {d: load_completions(run, s, d) for d in [*config.eval_datasets, config.harmless_eval]} for s in plan}
+        outcomes: dict[str, dict[str, Any]] = {}
+        for spec in plan:
+            outcomes[spec.name] = _model_metrics(run, spec, sets, completions, notes)
+        safety = _safety_metrics(run, plan, completions, notes)
+        summary = _assemble_summary(run, plan, completions, outcomes, safety, notes, refusal_outcomes, S)
+        summary["key"] = key
+        write_json(run.path("evaluate", "summary.json"), summary)
+    return summary
+
+
+def _model_metrics(run: Run, spec: InterventionSpec, sets, completions, notes: list[str]) -> dict[str, Any]:
+    """Loss and benchmark results (per item) of one intervention, each cached on disk."""
+    from .data import DataError, DatasetUnavailable
+    from .evaluation import benchmarks, loss
+
+    config, adapter = run.config, run.adapter
+    bs = max(1, run.batch_size // 2)
+    out: dict[str, Any] = {}
+    bake = config.bake_weights == "auto"
+    corpus, note = general_text_corpus(config)
+    if note not in notes:
+        notes.append(note)
+    with applied(adapter, spec.build(sets, harmful=True), bake_weights=bake):
+        def general():
+            docs = load_dataset(corpus, config.data_dir, limit=config.n_loss_docs)
+            return loss.text_loss(adapter, docs, max_length=config.loss_max_length, batch_size=bs, corpus=corpus).to_dict()
+
+        out["ce/general"] = _cached_metric(run, spec, "ce/general", general)
+
+        def alpaca():
+            try:
+                records = sample(load_dataset("alpaca_outputs", config.data_dir), config.n_loss_docs, config.seed)
+            except (DatasetUnavailable, DataError) as exc:
+                return {"status": "not run", "reason": f"no Alpaca reference outputs available ({exc.__class__.__name__}); "
+                        "cross-entropy on the baseline's own completions is reported as ce/on_distribution"}
+            return loss.instruction_loss(adapter, records, max_length=config.loss_max_length, batch_size=bs).to_dict()
+
+        out["ce/alpaca"] = _cached_metric(run, spec, "ce/alpaca", alpaca)
+
+        def on_distribution():
+            base = completions["baseline"][config.harmless_eval]
+            return loss.on_distribution_loss(adapter, [r["prompt"] for r in base], [r["response"] for r in base],
+                                             max_length=config.loss_max_length, batch_size=bs).to_dict()
+
+        out["ce/on_distribution"] = _cached_metric(run, spec, "ce/on_distribution", on_distribution)
+
+        def mmlu():
+            test = load_dataset("mmlu", config.data_dir, split="test")
+            dev = load_dataset("mmlu", config.data_dir, split="dev")
+            return benchmarks.evaluate_mmlu(adapter, test, dev, n_questions=config.mmlu_questions, seed=config.seed, batch_size=bs)
+
+        out["mmlu"] = _cached_metric(run, spec, "mmlu", mmlu)
+
+        def arc():
+            test = load_dataset("arc_challenge", config.data_dir, split="test")
+            train = load_dataset("arc_challenge", config.data_dir, split="train")
+            return benchmarks.evaluate_arc(adapter, test, train, n_shots=config.arc_shots, n_questions=config.arc_questions,
+                                           seed=config.seed, batch_size=bs)
+
+        out["arc_challenge"] = _cached_metric(run, spec, "arc_challenge", arc)
+    return out
+
+
+def _safety_metrics(run: Run, plan: list[InterventionSpec], completions, notes: list[str]) -> dict[str, dict[str, dict]]:
+    """LlamaGuard verdicts per intervention and harmful dataset, or a "not run" reason for all."""
+    from .evaluation.judges import run_safety_judge
+
+    config = run.config
+    if not config.safety_judge or config.safety_judge.lower() == "none":
+        reason = "no safety judge configured (--safety-judge none)"
+        return {s.name: {d: {"status": "not run", "reason": reason} for d in config.eval_datasets} for s in plan}
+    key = run.stage_key("evaluate")
+    todo = []
+    results: dict[str, dict[str, dict]] = {s.name: {} for s in plan}
+    for spec in plan:
+        for d in config.eval_datasets:
+            saved = None if config.force_overwrite else _valid_json(_metric_path(run, spec, f"safety/{d}"), key)
+            if saved is not None:
+                results[spec.name][d] = saved
+            else:
+                todo.append((spec, d))
+    if not todo:
+        return results
+    free_model(run)  # the judge is loaded only after the evaluated model is freed
+    pairs = [[(r["prompt"], r["response"]) for r in completions[spec.name][d]] for spec, d in todo]
+    verdicts = run_safety_judge(config.safety_judge, pairs, device=config.device, min_words=config.judge_min_words,
+                                gpu_memory_fraction=config.judge_gpu_memory_fraction)
+    for (spec, d), verdict in zip(todo, verdicts):
+        if verdict.get("status") == "ok":
+            write_json(_metric_path(run, spec, f"safety/{d}"), {"key": key, **verdict})
+        results[spec.name][d] = verdict
+    reason = next((v["reason"] for v in verdicts if v.get("status") != "ok"), None)
+    if reason:
+        notes.append(f"safety judge not run: {reason}")
+    return results
+
+
+def _assemble_summary(run: Run, plan, completions, outcomes, safety, notes, refusal_outcomes, S) -> dict:
+    config = run.config
+    seed = config.seed
+    datasets = config.eval_datasets
+    metrics = S.dataset_metrics(datasets)
+    results: dict[str, dict[str, dict]] = {}
+    per_category: dict[str, dict] = {}
+    examples: dict[str, list] = {}
+    base_items: dict[str, Any] = {}
+    phrases = config.refusal_phrases
+    for spec in plan:
+        cells: dict[str, dict] = {}
+        is_base = spec.name == "baseline"
+        for d in datasets:
+            rows = completions[spec.name][d]
+            refused = refusal_outcomes([r["response"] for r in rows], phrases)
+            success = [not r for r in refused]
+            cells[f"attack_success/{d}"] = S.binary_cell(success, base_items.get(f"attack_success/{d}"), seed)
+            per_category.setdefault(spec.name, {})[d] = _per_category(rows, success)
+            examples.setdefault(spec.name, []).extend(
+                {"dataset": d, "prompt": r["prompt"], "response": r["response"], "refused": bool(f)}
+                for r, f in list(zip(rows, refused))[:3]
+            )
+            verdict = safety[spec.name][d]
+            if verdict.get("status") == "ok":
+                cells[f"safety/{d}"] = S.binary_cell(verdict["unsafe"], base_items.get(f"safety/{d}"), seed)
+            else:
+                cells[f"safety/{d}"] = S.not_run(verdict["reason"])
+            if is_base:
+                base_items[f"attack_success/{d}"] = success
+                if verdict.get("status") == "ok":
+                    base_items[f"safety/{d}"] = verdict["unsafe"]
+        harmless = refusal_outcomes([r["response"] for r in completions[spec.name][config.harmless_eval]], phrases)
+        cells["harmless_refusal"] = S.binary_cell(harmless, base_items.get("harmless_refusal"), seed)
+        if is_base:
+            base_items["harmless_refusal"] = harmless
+        for metric in ("ce/general", "ce/alpaca", "ce/on_distribution"):
+            res = outcomes[spec.name][metric]
+            if res.get("status") == "not run":
+                cells[metric] = S.not_run(res["reason"])
+                continue
+            cells[metric] = S.loss_cell(res["doc_losses"], res["doc_tokens"], base_items.get(metric), seed)
+            if is_base:
+                base_items[metric] = (res["doc_losses"], res["doc_tokens"])
+        mmlu = outcomes[spec.name]["mmlu"]
+        correct = [q["correct"] for q in mmlu["questions"]]
+        cells["mmlu"] = S.binary_cell(correct, base_items.get("mmlu"), seed)
+        arc = outcomes[spec.name]["arc_challenge"]
+        for variant in ("acc", "acc_norm"):
+            items = [q[f"correct_{variant}" if f"correct_{variant}" in q else variant] for q in arc["questions"]]
+            cells[f"arc_challenge/{variant}"] = S.binary_cell(items, base_items.get(f"arc_challenge/{variant}"), seed)
+            if is_base:
+                base_items[f"arc_challenge/{variant}"] = items
+        if is_base:
+            base_items["mmlu"] = correct
+        results[spec.name] = cells
+    base = results["baseline"]
+    chance_flags = {
+        "mmlu": S.chance_flag(base["mmlu"], outcomes["baseline"]["mmlu"]["chance_level"]),
+        "arc_challenge/acc": S.chance_flag(base["arc_challenge/acc"], outcomes["baseline"]["arc_challenge"]["chance_level"]),
+        "arc_challenge/acc_norm": S.chance_flag(base["arc_challenge/acc_norm"], outcomes["baseline"]["arc_challenge"]["chance_level"]),
+    }
+    for metric, flag in chance_flags.items():
+        if flag["flagged"]:
+            notes.append(f"{metric}: the baseline's 95% interval includes chance ({flag['chance']:.2f}); this benchmark "
+                         "cannot show capability damage for this model.")
+    return {
+        "interventions": [s.to_dict() for s in plan],
+        "metrics": metrics,
+        "results": results,
+        "per_category": per_category,
+        "chance_flags": chance_flags,
+        "examples": examples,
+        "notes": notes,
+    }
+
+
+def _per_category(rows: list[dict], success: list[bool]) -> dict[str, dict]:
+    groups: dict[str, list[bool]] = {}
+    for row, ok in zip(rows, success):
+        groups.setdefault(str(row.get("category") or "uncategorised"), []).append(ok)
+    return {c: {"attack_success": sum(v) / len(v), "n": len(v)} for c, v in sorted(groups.items())}
+
+
 def free_model(run: Run) -> None:
     """Release the evaluated model's memory (before loading a judge)."""
-    run.adapter.model.to("meta") if False else None
-    del run.adapter.model
+    model = run.adapter.model
+    run.adapter.model = None  # type: ignore[assignment]
+    del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def is_finite(x: float | None) -> bool:
-    return x is not None and not math.isnan(x)
+# ---------------------------------------------------------------------- commands
+def run_command(command: str, config: RunConfig, run_dir: Path | None = None) -> Run:
+    """Run one stage (``extract``, ``select``, ``infer``, ``evaluate``) or all of them (``run``)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    run = open_run(config, run_dir=run_dir)
+    console.print(f"[bold]Run folder:[/bold] {run.dir}")
+    if config.skip_eval:
+        config.infer_only = True
+    stages = _stages_for(command, config)
+    extraction = selections = plan = None
+    if "extract" in stages:
+        extraction = extract(run)
+        _print_extraction_summary(run, extraction, console)
+    if "select" in stages:
+        selections = select(run, extraction)
+        _print_selection_summary(selections, console)
+    if "infer" in stages:
+        plan = infer(run, selections, extraction.direction_sets if extraction else None)
+    if "evaluate" in stages:
+        evaluate(run, plan, extraction.direction_sets if extraction else None)
+    if "report" in stages:
+        from .report import write_report
+
+        html, md = write_report(run.dir)
+        console.print(f"[bold green]Report:[/bold green] {html}\n[bold]Summary:[/bold] {md}")
+    return run
 
 
-__all__ = ["Run", "RunError", "extract", "select", "infer", "open_run", "plan_interventions", "Sequence"]
+def _stages_for(command: str, config: RunConfig) -> list[str]:
+    if command != "run":
+        return [command]
+    stages = ["extract", "select", "infer", "evaluate", "report"]
+    if config.use_existing:
+        stages = [s for s in stages if s not in ("extract", "select")]
+    if config.resume_from_eval:
+        stages = [s for s in stages if s not in ("extract", "select", "infer")]
+    for flag, last in (("extract_only", "extract"), ("select_only", "select"), ("infer_only", "infer")):
+        if getattr(config, flag):
+            stages = stages[: stages.index(last) + 1] if last in stages else stages
+            break
+    return stages
+
+
+def _print_extraction_summary(run: Run, extraction: Extraction, console) -> None:
+    from rich.table import Table
+
+    tensors, _ = load_safetensors(run.path("extract", "activations.safetensors"))
+    rows = separation_summary(extraction.direction_sets, tensors["harmful"], tensors["harmless"])
+    table = Table("method", "best-separating position", "layer", "separation", "INLP rank there", title="Extraction")
+    for r in rows:
+        table.add_row(r["method"], str(r["position"]), str(r["layer"]), r["score"], str(r.get("inlp_rank", "-")))
+    console.print(table)
+
+
+def _print_selection_summary(selections: dict[str, MethodSelection], console) -> None:
+    from rich.table import Table
+
+    table = Table("method", "position", "layer", "bypass", "steering", "KL", "scope layers", title="Selection")
+    for method, sel in selections.items():
+        b = sel.best
+        table.add_row(method, str(b.position), str(b.layer), f"{b.bypass:.3f}", f"{b.steering:.3f}", f"{b.kl:.4f}",
+                      _layer_ranges(sel.scope_layers))
+        if sel.fallback_warning:
+            console.print(f"[yellow]{sel.fallback_warning}[/yellow]")
+    console.print(table)
+
+
+def _layer_ranges(layers: Sequence[int]) -> str:
+    parts, start = [], None
+    layers = sorted(layers)
+    for i, l in enumerate(layers):
+        if start is None:
+            start = l
+        if i == len(layers) - 1 or layers[i + 1] != l + 1:
+            parts.append(f"{start}" if start == l else f"{start}-{l}")
+            start = None
+    return ",".join(parts)
+
+
+def export_model(config: RunConfig, method: str, out: Path, run_dir: Path | None = None) -> Path:
+    """Bake ``method``'s selected removal at all layers into the weights; save a standard HF folder."""
+    from .interventions import bake, removal_for
+
+    run = open_run(config, run_dir=run_dir)
+    extraction = load_extraction(run)
+    selection = load_selection(run)
+    if method not in selection:
+        raise RunError(f"{method} was not selected in {run.dir}; run `refusal-directions select --methods {method}` first.")
+    best = selection[method].best
+    removal = removal_for(extraction.direction_sets[method], best.pos_index, best.layer, range(run.adapter.n_layers),
+                          best.rank if method == "inlp" else None)
+    bake(run.adapter, removal)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial")
+    run.adapter.model.save_pretrained(tmp)
+    run.adapter.tokenizer.save_pretrained(tmp)
+    write_json(tmp / "refusal_directions.json", {"source_run": str(run.dir), "method": method, "position": best.position,
+                                                 "layer": best.layer, "fingerprint": run.adapter.fingerprint})
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

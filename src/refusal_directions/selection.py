@@ -269,7 +269,7 @@ class MethodSelection:
 def choose(method: str, ranked: list[Candidate], n_layers: int, scope: str, top_fraction: float | None) -> MethodSelection:
     """Best filtered component (fallback: best unfiltered, with a warning) and the scope's layers.
 
-    Scope (DESIGN.md §7): "all" layers; "top": the layers of the first max(1, int(f * N)) entries
+    Scope (DESIGN.md §7): "all" layers; "top": the layers of the first max(1, ceil(f * N)) entries
     of the unfiltered ranked list; "one": the layer of its first entry.
     """
     passing = [c for c in ranked if not c.filtered_out]
@@ -287,7 +287,7 @@ def choose(method: str, ranked: list[Candidate], n_layers: int, scope: str, top_
     if scope == "all":
         layers = list(range(n_layers))
     else:
-        n = 1 if scope == "one" else max(1, int((top_fraction or 0) * len(ranked)))
+        n = 1 if scope == "one" else max(1, math.ceil((top_fraction or 0) * len(ranked)))
         layers = sorted({c.layer for c in ranked[:n]})
     return MethodSelection(method, ranked, best, warning, layers)
 

@@ -1,0 +1,212 @@
+"""The ``refusal-directions`` command line.
+
+Every option of ``run`` and the stage subcommands is generated from ``RunConfig`` (config.py),
+so flags, TOML keys and the typed configuration never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import ConfigError, RunConfig, build_config
+
+log = logging.getLogger("refusal_directions")
+
+STAGE_COMMANDS = {
+    "run": "Run every stage: extract -> select -> infer -> evaluate -> report (reusing valid artifacts).",
+    "extract": "Cache activations and fit every method's directions (stage 1).",
+    "select": "Score, filter and rank candidate components on validation prompts (stage 2).",
+    "infer": "Generate completions under every intervention (stage 3).",
+    "evaluate": "Judge completions and measure loss and benchmarks under every intervention (stage 4).",
+}
+
+
+# ---------------------------------------------------------------------- options from RunConfig
+def _unwrap_optional(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _parse_optional(parse):
+    def parse_or_none(text: str):
+        return None if text.lower() == "none" else parse(text)
+
+    return parse_or_none
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per ``RunConfig`` field; defaults stay None so only given flags override."""
+    hints = typing.get_type_hints(RunConfig)
+    group = parser.add_argument_group("run configuration (also settable in a TOML file with --config)")
+    for f in dataclasses.fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp = _unwrap_optional(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if tp is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(tp) is list:
+            (item,) = typing.get_args(tp)
+            group.add_argument(flag, nargs="+", type=item, default=None, metavar=item.__name__.upper(), help=help_text)
+        else:
+            optional = type(None) in typing.get_args(hints[f.name])
+            group.add_argument(flag, type=_parse_optional(tp) if optional else tp, default=None,
+                               choices=f.metadata.get("choices"), metavar=tp.__name__.upper(), help=help_text)
+    group.add_argument("--config", type=Path, default=None, help="TOML file whose keys mirror these flags (flags override it).")
+    group.add_argument("--run-dir", type=Path, default=None, help="Use this run folder instead of <output-dir>/<alias>/<key>.")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, str]:
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return build_config(overrides, args.config)
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_stage(args: argparse.Namespace) -> None:
+    from . import pipeline
+
+    config, note = config_from_args(args)
+    if note:
+        log.warning(note)
+    pipeline.run_command(args.command, config, run_dir=args.run_dir)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    for run_dir in args.run_dirs:
+        html, md = write_report(Path(run_dir))
+        print(f"Report: {html}\nSummary: {md}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .report import compare_runs
+
+    out = compare_runs([Path(d) for d in args.run_dirs], Path(args.out))
+    print(f"Comparison: {out}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from . import pipeline
+
+    config, note = config_from_args(args)
+    out = pipeline.export_model(config, args.method, Path(args.out), run_dir=args.run_dir)
+    print(f"Exported to {out}")
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .models import load_model
+
+    adapter = load_model(args.spec, device=args.device, chat_template=args.chat_template)
+    info = adapter.describe()
+    table = Table(title=f"{args.spec}", show_header=False)
+    for key, value in info.items():
+        table.add_row(key, str(value))
+    Console().print(table)
+    if args.try_prompt:
+        from .generation import generate
+
+        reply = generate(adapter, [args.try_prompt], max_new_tokens=48, batch_size=1)[0]
+        Console().print(f"[bold]Prompt:[/bold] {args.try_prompt}\n[bold]Reply:[/bold] {reply}")
+
+
+def cmd_datasets(args: argparse.Namespace) -> None:
+    from .data import REGISTRY
+
+    width = max(len(name) for name in REGISTRY)
+    for spec in REGISTRY.values():
+        print(f"{spec.name:<{width}}  {spec.description}\n{'':<{width}}  mirror: {spec.local or '-'}   source: {spec.hub}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refusal-directions",
+        description="Find, remove and steer refusal directions: diff-in-means, INLP and LEACE side by side.",
+    )
+    parser.add_argument("--debug", dest="global_debug", action="store_true", help="Full tracebacks and debug logs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in STAGE_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_config_options(p)
+        p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("report", help="Write the HTML and Markdown report of run folders.", description="Write the HTML and Markdown report of run folders.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="Put several runs (models, configs) side by side in one HTML page.",
+                       description="Put several runs (models, configs) side by side in one HTML page.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default="comparison.html", help="Output HTML file (default: comparison.html).")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("export", help="Bake a method's all-layer removal into the weights and save a standard HF folder.",
+                       description="Bake a method's all-layer removal (diff-in-means ablation or INLP projection; LEACE too "
+                                   "where exact) into the weights and save a folder that AutoModelForCausalLM loads.")
+    p.add_argument("--method", required=True, choices=["diff_in_means", "inlp", "leace"])
+    p.add_argument("--out", required=True, help="Output folder.")
+    add_config_options(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("models", help="Inspect a model: layers, d_model, post-instruction and refusal tokens.",
+                       description="Inspect a model: layers, d_model, post-instruction and refusal tokens.")
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    show = msub.add_parser("show", help="Load a model and print what the adapter derives from it.")
+    show.add_argument("spec", nargs="?", default="embedded", help="embedded, embedded:1.5b, a hub id, a folder or a .gguf file.")
+    show.add_argument("--device", default="auto")
+    show.add_argument("--chat-template", default=None, help="Jinja template file for tokenizers without one.")
+    show.add_argument("--try-prompt", default=None, help="Also generate a reply to this instruction.")
+    show.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("datasets", help="List the named datasets.", description="List the named datasets.")
+    p.set_defaults(func=cmd_datasets)
+    return parser
+
+
+def _setup_logging(debug: bool) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, rich_tracebacks=debug, markup=False)
+    handler.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    for noisy in ("transformers", "accelerate", "datasets", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = bool(args.global_debug or getattr(args, "debug", False))
+    _setup_logging(debug)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("Interrupted; finished artifacts are kept and a rerun resumes from them.", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one clear line; the traceback with --debug
+        if debug:
+            raise
+        known = isinstance(exc, (ConfigError, ValueError, RuntimeError, FileNotFoundError, OSError))
+        prefix = "error" if known else f"error ({type(exc).__name__})"
+        print(f"{prefix}: {exc}" + ("" if known else "  [rerun with --debug for the traceback]"), file=sys.stderr)
+        return 2 if known else 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
