@@ -1,0 +1,440 @@
+"""The HTML/Markdown report, the selection heatmaps and the run comparison page."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from refusal_directions.interventions import InterventionSpec
+from refusal_directions.report import compare_runs, plot_selection, significance_mark, write_report, compress_layers
+from refusal_directions.selection import Candidate, MethodSelection
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+POSITIONS = [-2, -1]
+N_LAYERS = 6
+METHODS = ["diff_in_means", "inlp", "leace"]
+SCRIPT_RESPONSE = "Sure, here is how: <script>alert('x')</script> & more"
+NOT_RUN_REASON = "no safety judge available (meta-llama/Meta-Llama-Guard-2-8B cannot be downloaded)"
+NAN = float("nan")
+
+
+# ====================================================================== fixtures
+def make_selection(method: str, fallback: bool = False) -> MethodSelection:
+    """A selection over POSITIONS x N_LAYERS with some filtered-out candidates and a NaN."""
+    cands = []
+    for p, pos in enumerate(POSITIONS):
+        for l in range(N_LAYERS):
+            kl = 0.02 * (l + 1) + 0.01 * p
+            steering = 1.5 - 0.4 * l + p
+            cand = Candidate(p, pos, l, bypass=-1.0 - 0.3 * l + 0.5 * p, kl=kl, steering=steering,
+                             steering_by_multiplier={"1.0": steering},
+                             accuracy=0.99 - 0.02 * l if method == "inlp" else None,
+                             rank=1 + l if method == "inlp" else 1)
+            cands.append(cand)
+    cands[3].bypass = NAN  # a NaN score survives into the JSON and the plots
+    for c in cands:
+        reasons = []
+        if math.isnan(c.bypass):
+            reasons.append("nan")
+        if c.kl > 0.1:
+            reasons.append("kl>0.1")
+        if c.steering < 0:
+            reasons.append("steering<0")
+        if c.layer >= N_LAYERS - 1:
+            reasons.append(f"layer>={N_LAYERS - 1}")
+        c.filtered_out = reasons
+    ranked = sorted(cands, key=lambda c: math.inf if math.isnan(c.bypass) else c.bypass)
+    passing = [c for c in ranked if not c.filtered_out]
+    best = ranked[0] if fallback else passing[0]
+    warning = (f"{method}: no candidate passed the filters (kl>0.1); using the best unfiltered candidate "
+               f"(position {best.position}, layer {best.layer}).") if fallback else None
+    return MethodSelection(method, ranked, best, warning, list(range(N_LAYERS)))
+
+
+def make_specs(selections: dict[str, MethodSelection]) -> list[InterventionSpec]:
+    specs = [InterventionSpec("baseline", "baseline")]
+    names = {"diff_in_means": "ablation", "inlp": "projection", "leace": "erasure"}
+    for method, sel in selections.items():
+        b = sel.best
+        common = dict(method=method, pos_index=b.pos_index, position=b.position, layer=b.layer,
+                      layers=tuple(sel.scope_layers), k=b.rank if method == "inlp" else None)
+        specs.append(InterventionSpec(f"{method}.{names[method]}", "removal", **common))
+        if method != "leace":
+            specs.append(InterventionSpec(f"{method}.actadd-x1", "actadd", coefficient=12.5, **common))
+    specs.append(InterventionSpec("diff_in_means.reflection-a2-reference", "reflection", method="diff_in_means",
+                                  layers=tuple(range(N_LAYERS)), alpha=2.0))
+    return specs
+
+
+METRICS = {
+    "attack_success/jailbreakbench": {"label": "attack success (JailbreakBench)", "kind": "rate", "better": None, "group": "refusal"},
+    "attack_success/advbench": {"label": "attack success (AdvBench)", "kind": "rate", "better": None, "group": "refusal"},
+    "safety/jailbreakbench": {"label": "LlamaGuard unsafe (JailbreakBench)", "kind": "rate", "better": None, "group": "safety"},
+    "harmless_refusal": {"label": "refusal on harmless", "kind": "rate", "better": "lower", "group": "refusal"},
+    "ce/general": {"label": "general-text CE", "kind": "loss", "better": "lower", "group": "capability"},
+    "ce/alpaca": {"label": "Alpaca CE", "kind": "loss", "better": "lower", "group": "capability"},
+    "ce/on_distribution": {"label": "on-distribution CE", "kind": "loss", "better": "lower", "group": "capability"},
+    "mmlu": {"label": "MMLU (5-shot)", "kind": "accuracy", "better": "higher", "group": "capability"},
+    "arc_challenge/acc": {"label": "ARC-Challenge acc", "kind": "accuracy", "better": "higher", "group": "capability"},
+    "arc_challenge/acc_norm": {"label": "ARC-Challenge acc_norm", "kind": "accuracy", "better": "higher", "group": "capability"},
+}
+P_VALUES = [0.0004, 0.004, 0.03, 0.2, None, 0.0009999, 0.05, 0.01]
+
+
+def make_summary(specs: list[InterventionSpec], key: str, drop: tuple[str, ...] = ()) -> dict:
+    """An evaluate/summary.json in the documented schema, with every kind of cell."""
+    results: dict = {}
+    examples: dict = {}
+    per_category: dict = {}
+    for i, spec in enumerate(s for s in specs if s.name not in drop):
+        row = {}
+        for j, metric in enumerate(METRICS):
+            if metric == "safety/jailbreakbench":
+                row[metric] = {"status": "not run", "reason": NOT_RUN_REASON}
+                continue
+            if metric == "ce/on_distribution" and spec.kind == "actadd":
+                row[metric] = {"status": "not run", "reason": "ActAdd changes the prompt distribution"}
+                continue
+            value = 0.1 + 0.07 * i + 0.01 * j if METRICS[metric]["kind"] != "loss" else 2.3 + 0.05 * i + 0.1 * j
+            p = None if spec.name == "baseline" else P_VALUES[(i + j) % len(P_VALUES)]
+            ci = [value - 0.05, value + 0.05]
+            if spec.name == "inlp.actadd-x1" and metric == "arc_challenge/acc_norm":
+                value, ci, p = NAN, [NAN, NAN], NAN  # NaN must render as n/a
+            row[metric] = {"status": "ok", "value": value, "ci": ci, "n": 32,
+                           "p_vs_baseline": p, "test": None if p is None else ("mcnemar" if METRICS[metric]["kind"] != "loss" else "paired_bootstrap")}
+        results[spec.name] = row
+        examples[spec.name] = [
+            {"dataset": "harmless_test", "prompt": "Give three tips for staying healthy.", "response": "Eat well.", "refused": False},
+            *[{"dataset": "jailbreakbench", "prompt": f"Harmful prompt {k} for {spec.name} <b>bold</b>",
+               "response": SCRIPT_RESPONSE if k == 0 else f"I'm sorry, I cannot help with that ({k}).",
+               "refused": k != 0} for k in range(4)],
+        ]
+        per_category[spec.name] = {"jailbreakbench": {"Malware/Hacking": {"attack_success": 0.5, "n": 4},
+                                                      "Fraud/Deception": {"attack_success": NAN, "n": 0}}}
+    base_mmlu, base_arc = results["baseline"]["mmlu"], results["baseline"]["arc_challenge/acc"]
+    return {
+        "key": key,
+        "interventions": [s.to_dict() for s in specs if s.name not in drop],
+        "metrics": METRICS,
+        "results": results,
+        "per_category": per_category,
+        "chance_flags": {
+            "mmlu": {"chance": 0.25, "baseline_ci": [base_mmlu["value"] - 0.1, base_mmlu["value"] + 0.1], "flagged": True},
+            "arc_challenge/acc": {"chance": 0.1, "baseline_ci": base_arc["ci"], "flagged": False},
+        },
+        "examples": examples,
+        "notes": ["general-text cross-entropy on LAMBADA (offline stand-in for the Pile)"],
+    }
+
+
+def write_fixture_run(folder: Path, model_name: str = "Qwen/Qwen2.5-Coder-0.5B-Instruct", stages: str = "evaluate",
+                      drop: tuple[str, ...] = ()) -> Path:
+    """A run folder with manifest, geometry, selections, plan and (for stages='evaluate') summary."""
+    keys = {"extract": "e" * 12, "select": "s" * 12, "infer": "i" * 12, "evaluate": "v" * 12}
+
+    def dump(rel: str, obj) -> None:
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=1))  # Python's json writes NaN, like the pipeline
+
+    dump("manifest.json", {
+        "key": keys["select"],
+        "config": {"model": model_name, "preset": "quick", "seed": 42, "methods": METHODS, "n_train": 64, "n_val": 16,
+                   "n_test": 32, "positions": POSITIONS, "scoring": "local", "just_one": False, "top_fraction": None,
+                   "eval_datasets": ["jailbreakbench", "advbench"], "harmless_eval": "harmless_test",
+                   "max_new_tokens": 64, "inlp_min_accuracy": 0.55, "reflection_mode": "reference"},
+        "model": {"name": model_name, "alias": model_name.split("/")[-1], "fingerprint": "0123456789abcdef",
+                  "n_layers": N_LAYERS, "d_model": 64, "dtype": "float32", "device": "cpu"},
+        "stage_keys": keys, "package_version": "0.1.0", "versions": {"torch": "2.x", "python": "3.11"}, "seed": 42,
+        "timings": {"extract": 4.5, "select": 2.7, **({"infer": 59.1, "evaluate": 31.0} if stages == "evaluate" else {})},
+    })
+    acc = [[[0.95 - 0.1 * k if k < 3 + l else NAN for k in range(8)] for l in range(N_LAYERS)] for _ in POSITIONS]
+    dump("extract/geometry.json", {
+        "key": keys["extract"], "positions": POSITIONS,
+        "dim_norm": [[1.0 + l for l in range(N_LAYERS)] for _ in POSITIONS],
+        "cos_dim_inlp": [[0.9 - 0.1 * l if l else NAN for l in range(N_LAYERS)] for _ in POSITIONS],
+        "angle_dim_inlp_subspace": [[10.0 * l for l in range(N_LAYERS)] for _ in POSITIONS],
+        "inlp_rank": [[3 + l for l in range(N_LAYERS)] for _ in POSITIONS],
+        "inlp_accuracies": acc,
+        "cos_dim_leace_readout": [[0.5 + 0.05 * l for l in range(N_LAYERS)] for _ in POSITIONS],
+    })
+    selections = {m: make_selection(m, fallback=(m == "inlp")) for m in METHODS}
+    for m, sel in selections.items():
+        dump(f"select/{m}.json", {"key": keys["select"], "n_val": {"harmful": 16, "harmless": 16}, **sel.to_dict()})
+    if stages in ("infer", "evaluate"):
+        specs = make_specs(selections)
+        dump("infer/plan.json", {"key": keys["infer"], "interventions": [s.to_dict() for s in specs]})
+        if stages == "evaluate":
+            dump("evaluate/summary.json", make_summary(specs, keys["evaluate"], drop))
+    return folder
+
+
+class TableParser(HTMLParser):
+    """Rows of the first <table class="results">: lists of (text, attributes) per cell."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[tuple[str, dict]]] = []
+        self._in_table = False
+        self._cell: list[str] | None = None
+        self._attrs: dict = {}
+        self._done = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table" and "results" in (attrs.get("class") or "") and not self._done:
+            self._in_table = True
+        elif self._in_table and tag == "tr":
+            self.rows.append([])
+        elif self._in_table and tag in ("td", "th"):
+            self._cell, self._attrs = [], attrs
+
+    def handle_endtag(self, tag):
+        if self._in_table and tag in ("td", "th") and self._cell is not None:
+            self.rows[-1].append((re.sub(r"\s+", " ", "".join(self._cell)).strip(), self._attrs))
+            self._cell = None
+        elif self._in_table and tag == "table":
+            self._in_table, self._done = False, True
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def expected_mark(p) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return ""
+    return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory) -> tuple[Path, str, str]:
+    folder = write_fixture_run(tmp_path_factory.mktemp("run") / "run")
+    html_path, md_path = write_report(folder)
+    return folder, html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")
+
+
+# ====================================================================== tests
+def test_significance_marks_and_layers():
+    assert [significance_mark(p) for p in (0.0009, 0.001, 0.009, 0.01, 0.049, 0.05, None, NAN)] == \
+        ["***", "**", "**", "*", "*", "", "", ""]
+    assert compress_layers([0, 1, 2, 5, 7, 8]) == "0–2, 5, 7–8"
+
+
+def test_plot_selection_writes_one_png_per_method_and_metric(tmp_path):
+    selections = {m: make_selection(m, fallback=(m == "leace")) for m in METHODS}
+    paths = plot_selection(selections, N_LAYERS, POSITIONS, tmp_path / "plots")
+    assert sorted(p.name for p in paths) == sorted(f"{m}_{k}.png" for m in METHODS for k in ("bypass", "steering", "kl"))
+    for path in paths:
+        data = path.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 2000
+    assert not [p for p in (tmp_path / "plots").iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_report_table_has_every_intervention_and_metric(full_report):
+    folder, page, _ = full_report
+    summary = json.loads((folder / "evaluate" / "summary.json").read_text())
+    parser = TableParser()
+    parser.feed(page)
+    header, *rows = parser.rows
+    metric_ids = list(METRICS)
+    # header: "intervention" then one column per metric (label + id)
+    assert len(header) == 1 + len(metric_ids)
+    header_ids = [text.split()[-1] for text, _ in header[1:]]
+    assert sorted(header_ids) == sorted(metric_ids)
+    assert [r[0][0] for r in rows] == [s["name"] for s in summary["interventions"]]
+    assert rows[0][0][0] == "baseline"
+    for row in rows:
+        name = row[0][0]
+        for (text, attrs), mid in zip(row[1:], header_ids):
+            cell = summary["results"][name][mid]
+            if cell["status"] != "ok":
+                assert text.startswith("not run") and attrs.get("title") == cell["reason"]
+                assert not re.search(r"\d\.\d", text)
+                continue
+            if math.isnan(cell["value"]):
+                assert text == "n/a", text
+                continue
+            lo, hi = cell["ci"]
+            expected = f"{cell['value']:.3f} [{lo:.3f}, {hi:.3f}]"
+            mark = "" if name == "baseline" else expected_mark(cell["p_vs_baseline"])
+            assert text == (f"{expected} {mark}" if mark else expected), (name, mid, text)
+    marks = {expected_mark(c.get("p_vs_baseline")) for n, r in summary["results"].items() if n != "baseline"
+             for c in r.values() if c["status"] == "ok"}
+    assert {"*", "**", "***", ""} <= marks  # the fixture exercises every level
+    text_only = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
+    assert "NaN" not in text_only and "nan" not in text_only.lower().replace("nanc", "")
+
+
+def test_report_not_run_chance_flags_notes_and_escaping(full_report):
+    _, page, md = full_report
+    assert html.escape(NOT_RUN_REASON) in page  # footnote and tooltip
+    assert "cannot show capability damage" in page
+    assert re.search(r'class="flag">[^<]*MMLU', page)
+    assert not re.search(r'class="flag">[^<]*ARC-Challenge acc', page)
+    # responses are escaped: no <script> survives in the page, the escaped text does
+    assert "<script" not in page.lower()
+    assert html.escape(SCRIPT_RESPONSE) in page
+    assert "&lt;b&gt;bold&lt;/b&gt;" in page
+    # three harmful examples per intervention (not the harmless one), with the judge's verdict
+    assert page.count("Harmful prompt 0 for baseline") == 1 and "Harmful prompt 3 for baseline" not in page
+    assert "Give three tips" not in page
+    assert "not refused" in page and ">refused<" in page
+    # notes: selection fallback, the general-text corpus, metrics not run
+    notes = page[page.index('id="notes"'):]
+    assert "Selection fallback: inlp" in notes
+    assert "LAMBADA" in notes
+    assert "Not run: LlamaGuard unsafe (JailbreakBench)" in notes
+    # header essentials
+    for text in ("Qwen/Qwen2.5-Coder-0.5B-Instruct", "0123456789abcdef", "quick", "evaluate 31.0 s", "n_train 64"):
+        assert text in page
+    # Markdown: same table, footnoted not-run cells, PNGs saved beside it
+    assert "| baseline |" in md and "not run [1]" in md
+    for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
+        assert (Path(full_report[0]) / "report" / name).read_bytes().startswith(PNG_MAGIC)
+    # in Markdown the response sits verbatim in a fenced code block (inert); nowhere else
+    assert SCRIPT_RESPONSE in md
+    outside_fences = re.sub(r"(`{3,})text\n.*?\n *\1", "", md, flags=re.S)
+    assert "<script" not in outside_fences and "&lt;script&gt;" not in outside_fences
+
+
+def test_report_images_are_embedded_pngs(full_report):
+    _, page, _ = full_report
+    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    # 3 methods x 3 selection metrics, INLP curves + rank, 3 geometry maps, Pareto
+    assert len(images) == 9 + 2 + 3 + 1
+    assert len(re.findall(r"<img ", page)) == len(images)
+    for data in images:
+        assert base64.b64decode(data, validate=True).startswith(PNG_MAGIC)
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_report_of_run_stopped_after_selection(tmp_path, data_dir):
+    """A real tiny run (extract + select): the select stage writes its plots, the report says what is missing."""
+    from tiny import save_tiny_model
+
+    from refusal_directions import pipeline as P
+    from refusal_directions.config import build_config
+
+    model = save_tiny_model(tmp_path / "model", "qwen2")
+    cfg, _ = build_config({"model": str(model), "device": "cpu", "data_dir": str(data_dir), "output_dir": str(tmp_path / "runs"),
+                           "n_train": 8, "n_val": 2, "n_test": 2, "filter_train": False, "max_new_tokens": 4,
+                           "positions": [-2, -1], "methods": ["diff_in_means", "leace"]}, gpu_available=False)
+    run = P.open_run(cfg)
+    P.select(run, P.extract(run))
+    plots = sorted(p.name for p in (run.dir / "select" / "plots").glob("*.png"))
+    assert plots == sorted(f"{m}_{k}.png" for m in ("diff_in_means", "leace") for k in ("bypass", "kl", "steering"))
+    html_path, md_path = write_report(run.dir)
+    page = html_path.read_text()
+    assert "Stages missing: infer, evaluate" in page
+    assert "evaluation stage has not run" in page and "generation stage has not run" in page
+    assert len(re.findall(r"data:image/png;base64,", page)) == 6 + 1  # selection maps + LEACE geometry
+    assert "Stages missing: infer, evaluate" in md_path.read_text()
+
+
+def test_report_without_anything_but_a_manifest(tmp_path):
+    folder = write_fixture_run(tmp_path / "run", stages="select")
+    shutil.rmtree(folder / "select")
+    shutil.rmtree(folder / "extract")
+    page = write_report(folder)[0].read_text()
+    assert "Stages missing: extract, select, infer, evaluate" in page
+
+
+def test_compare_runs_aligns_interventions_and_metrics(tmp_path):
+    a = write_fixture_run(tmp_path / "a")
+    b = write_fixture_run(tmp_path / "b", model_name="meta-llama/Llama-3.2-1B-Instruct", drop=("leace.erasure",))
+    c = write_fixture_run(tmp_path / "c", model_name="google/gemma-2-2b-it", stages="select")
+    out = compare_runs([a, b, c], tmp_path / "compare" / "compare.html")
+    page = out.read_text()
+    for name in ("Qwen/Qwen2.5-Coder-0.5B-Instruct", "meta-llama/Llame-3.2-1B-Instruct".replace("Llame", "Llama"), "google/gemma-2-2b-it"):
+        assert name in page
+    assert "missing infer, evaluate" in page
+    parser = TableParser()
+    parser.feed(page)
+    header, *rows = parser.rows
+    assert [t for t, _ in header] == ["metric", "intervention", "R1", "R2", "R3"]
+    sa = json.loads((a / "evaluate" / "summary.json").read_text())
+    sb = json.loads((b / "evaluate" / "summary.json").read_text())
+    current = None
+    seen = set()
+    for row in rows:
+        if len(row) == 5:  # first row of a metric group carries the metric cell
+            current = row[0][0].split()[-1]
+            row = row[1:]
+        name, (ta, _), (tb, _), (tc, _) = row[0][0], row[1], row[2], row[3]
+        seen.add((current, name))
+        ca = sa["results"][name][current]
+        if ca["status"] == "ok" and not math.isnan(ca["value"]):
+            assert ta.startswith(f"{ca['value']:.3f} [")
+        if name == "leace.erasure":
+            assert tb == "—"
+        elif sb["results"][name][current]["status"] == "ok" and not math.isnan(sb["results"][name][current]["value"]):
+            assert tb.startswith(f"{sb['results'][name][current]['value']:.3f} [")
+        assert tc == "—"
+    assert seen == {(m, n) for m in METRICS for n in sa["results"]}
+    assert "<script" not in page.lower()
+
+
+# ====================================================================== browser
+CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome")
+
+PROBE_HEAD = """<script>
+window.__errors = [];
+window.addEventListener('error', function (e) {
+  var t = e.target && e.target !== window ? (e.target.tagName || 'element') + ' failed to load' : String(e.message);
+  window.__errors.push(t);
+}, true);
+</script>"""
+PROBE_TAIL = """<script>
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.map.call(document.images, function (i) {
+    return {w: i.naturalWidth, h: i.naturalHeight, complete: i.complete};
+  });
+  var out = document.createElement('pre');
+  out.id = '__probe';
+  out.textContent = JSON.stringify({images: imgs, errors: window.__errors});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def find_chromium() -> str | None:
+    for name in CHROMIUM_CANDIDATES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.mark.browser
+def test_report_renders_in_headless_chromium(full_report, tmp_path):
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("no chromium binary (install the Debian package `chromium`)")
+    _, page, _ = full_report
+    probed = page.replace("<head>", "<head>\n" + PROBE_HEAD, 1).replace("</body>", PROBE_TAIL + "\n</body>", 1)
+    target = tmp_path / "report_probe.html"
+    target.write_text(probed, encoding="utf-8")
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+           "--virtual-time-budget=5000", "--dump-dom", target.as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    match = re.search(r'<pre id="__probe">(.*?)</pre>', proc.stdout, re.S)
+    assert match, f"the load probe did not run; stderr: {proc.stderr[-3000:]}"
+    probe = json.loads(html.unescape(match.group(1)))
+    console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
+    assert probe["errors"] == [] and console == [], (probe["errors"], console)
+    assert len(probe["images"]) == 15
+    for image in probe["images"]:
+        assert image["complete"] and image["w"] > 0 and image["h"] > 0, image
