@@ -452,20 +452,45 @@ def infer(run: Run, selections: dict[str, MethodSelection] | None = None,
     bake = config.bake_weights == "auto"
     with timed(run, "infer"):
         for spec in plan:
-            for dataset, records in prompt_sets.items():
-                path = run.path("infer", spec.name, f"{dataset}.jsonl")
-                if not config.force_overwrite and _completions_valid(path, key, len(records)):
-                    continue
-                harmful = dataset != config.harmless_eval
+            todo = [d for d, records in prompt_sets.items()
+                    if config.force_overwrite or not _completions_valid(run.path("infer", spec.name, f"{d}.jsonl"), key, len(records))]
+            # One generate call per distinct intervention: removals treat harmful and harmless prompts alike,
+            # ActAdd subtracts on harmful and adds on harmless prompts.
+            groups: dict[bool, list[str]] = {}
+            for d in todo:
+                groups.setdefault(spec.kind != "actadd" or d != config.harmless_eval, []).append(d)
+            for harmful, datasets in groups.items():
+                records = [r for d in datasets for r in prompt_sets[d]]
                 with applied(run.adapter, spec.build(sets, harmful), bake_weights=bake) as how:
-                    responses = generate(run.adapter, instructions(records), config.max_new_tokens, run.batch_size,
-                                         desc=f"{spec.name} / {dataset}")
-                write_jsonl(path, [
-                    {"prompt": r["instruction"], "category": r.get("category"), "response": resp,
-                     "intervention": spec.name, "dataset": dataset, "applied_as": how, "key": key}
-                    for r, resp in zip(records, responses)
-                ])
+                    responses = generate(run.adapter, instructions(records), config.max_new_tokens,
+                                         generation_batch_size(run, len(records)), desc=f"{spec.name} ({', '.join(datasets)})")
+                start = 0
+                for d in datasets:
+                    rows = prompt_sets[d]
+                    write_jsonl(run.path("infer", spec.name, f"{d}.jsonl"), [
+                        {"prompt": r["instruction"], "category": r.get("category"), "response": resp,
+                         "intervention": spec.name, "dataset": d, "applied_as": how, "key": key}
+                        for r, resp in zip(rows, responses[start : start + len(rows)])
+                    ])
+                    start += len(rows)
     return plan
+
+
+def generation_batch_size(run: Run, n_prompts: int) -> int:
+    """Prompts per generate call: the configured batch size, else as many as the KV cache allows on GPU."""
+    if run.config.batch_size:
+        return run.config.batch_size
+    adapter = run.adapter
+    if adapter.input_device.type != "cuda":
+        return 16
+    config = adapter.model.config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    tokens = 128 + run.config.max_new_tokens  # prompt length bound + new tokens
+    per_sequence = 2 * adapter.n_layers * heads * head_dim * adapter.dtype.itemsize * tokens
+    free = sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+    fits = int(0.6 * free / (per_sequence * 1.5))  # 1.5: activations and logits besides the cache
+    return max(1, min(n_prompts, fits, 512))
 
 
 def _completions_valid(path: Path, key: str, n: int) -> bool:
