@@ -140,7 +140,7 @@ def stage_select(adapter, args) -> None:
 
 def stage_generate(adapter, args) -> None:
     from refusal_directions.directions.base import Eraser
-    from refusal_directions.generation import generate
+    from refusal_directions.generation import generate_tokens
     from refusal_directions.interventions import Removal, applied
 
     d = adapter.d_model
@@ -163,8 +163,8 @@ def stage_generate(adapter, args) -> None:
             todo = pool[: max(batch, 1) * args.gen_rounds] if batch < len(pool) else pool
             torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
             with applied(adapter, intervention, bake_weights=baked) as how, Timer() as t:
-                outs = generate(adapter, todo, args.max_new_tokens, batch)
-            tokens = sum(len(adapter.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outs)
+                outs = generate_tokens(adapter, todo, args.max_new_tokens, batch)
+            tokens = sum(len(o) for o in outs)
             emit(stage="generate", variant=name, applied_as=how, batch=batch, prompts=len(todo),
                  max_new_tokens=args.max_new_tokens, new_tokens=tokens, seconds=round(t.seconds, 2),
                  tokens_per_s=round(tokens / t.seconds, 1), peak_gpu_gb=peak_gb())

@@ -29,7 +29,6 @@ def stop_token_ids(adapter: ModelAdapter) -> list[int]:
     return sorted(set(ids))
 
 
-@torch.inference_mode()
 def generate(
     adapter: ModelAdapter,
     instructions: Sequence[str],
@@ -37,7 +36,20 @@ def generate(
     batch_size: int = 32,
     desc: str = "generate",
 ) -> list[str]:
-    """Greedy completions of chat-formatted ``instructions``, in input order.
+    """Greedy completions (decoded, stripped) of chat-formatted ``instructions``, in input order."""
+    ids = generate_tokens(adapter, instructions, max_new_tokens, batch_size, desc)
+    return [adapter.tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
+
+
+@torch.inference_mode()
+def generate_tokens(
+    adapter: ModelAdapter,
+    instructions: Sequence[str],
+    max_new_tokens: int = 512,
+    batch_size: int = 32,
+    desc: str = "generate",
+) -> list[list[int]]:
+    """Greedy new-token ids of chat-formatted ``instructions``, in input order, cut after the stop token.
 
     Prompts are sorted by length so each batch has little padding. On out-of-memory the batch
     size is halved (with a warning) and the batch retried.
@@ -45,9 +57,10 @@ def generate(
     prompts = adapter.format_prompts(instructions)
     lengths = [len(adapter.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    responses: list[str | None] = [None] * len(prompts)
+    responses: list[list[int]] = [[] for _ in prompts]
     eos = stop_token_ids(adapter)
     pad = adapter.tokenizer.pad_token_id
+    stop = set(eos)
     start = 0
     with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
         while start < len(order):
@@ -66,9 +79,9 @@ def generate(
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 continue
-            texts = adapter.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            for i, text in zip(idx, texts):
-                responses[i] = text.strip()
+            for i, row in zip(idx, out[:, enc["input_ids"].shape[1] :].tolist()):
+                ends = [j for j, t in enumerate(row) if t in stop]
+                responses[i] = row[: ends[0] + 1] if ends else row
             start += len(idx)
             bar.update(len(idx))
-    return [r or "" for r in responses]
+    return responses
