@@ -1,0 +1,320 @@
+"""Capability benchmarks in lm-evaluation-harness format: MMLU (5-shot) and ARC-Challenge.
+
+Plain text prompts (no chat template), tokenized with the tokenizer's default special tokens
+(as lm-evaluation-harness 0.4 does when ``add_bos_token`` is unset: Llama-3 gets its BOS, Qwen
+none).
+
+MMLU (``cais/mmlu``): the prompt is the subject header ``"The following are multiple choice
+questions (with answers) about {subject}.\\n\\n"`` (underscores in the subject name become
+spaces), the first ``n_shots`` dev questions of the same subject, each
+``"{question}\\nA. {c0}\\nB. {c1}\\nC. {c2}\\nD. {c3}\\nAnswer: {letter}\\n\\n"``, then the test
+question ending with ``"Answer:"`` (questions are ``.strip()``-ed as lm-eval does). The
+prediction is the letter whose token (``" A"`` .. ``" D"``) has the highest log-probability at
+the last position: one logit row per question. Questions of one subject share the few-shot
+prefix, which is computed once (see ``loss.iter_final_hidden``).
+
+ARC-Challenge (``allenai/ai2_arc``): ``"Question: {question}\\nAnswer:"`` with shots
+``"Question: {q}\\nAnswer: {correct choice}"`` joined by ``"\\n\\n"``; each choice is the
+continuation ``" " + text``. ``acc``: argmax of the summed log-likelihood of the continuation
+tokens; ``acc_norm``: argmax of that sum divided by ``len(choice text)`` (characters of the
+choice without the leading space, exactly what lm-eval's ``acc_norm`` divides by; equal to the
+byte length for ASCII text). Shots come from the train split: ``n_shots`` drawn per question with
+``random.Random(f"{shot_seed}:{question id}")``, so a question's shots do not depend on which
+other questions are evaluated.
+
+Both return per-question outcomes (for McNemar / paired bootstrap), a bootstrap interval, and
+``chance_level`` with ``above_chance`` (the interval's lower end is above chance) so a report can
+flag benchmarks that cannot show capability damage for a model.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..models import ModelAdapter
+from .loss import next_token_logprobs, sequence_logprobs
+from .stats import bootstrap_ci
+
+MMLU_LETTERS = ("A", "B", "C", "D")
+MMLU_CHANCE = 0.25
+
+
+# ------------------------------------------------------------------ shared helpers
+def _encode(adapter: ModelAdapter, text: str, add_special_tokens: bool) -> list[int]:
+    return list(adapter.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def encode_pair(adapter: ModelAdapter, context: str, continuation: str, add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation) as lm-evaluation-harness splits them.
+
+    Trailing whitespace of the context moves to the continuation; the whole string is encoded
+    and the continuation is what follows the separately encoded context's length.
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = _encode(adapter, context + continuation, add_special_tokens)
+    ctx = _encode(adapter, context, add_special_tokens)
+    return ctx, whole[len(ctx) :]
+
+
+def _select(n_total: int, n_questions: int | None, seed: int) -> list[int]:
+    """Indices of the evaluated questions: all, or ``n_questions`` drawn with ``seed``, in original order."""
+    if n_questions is None or n_questions >= n_total:
+        return list(range(n_total))
+    return sorted(random.Random(seed).sample(range(n_total), n_questions))
+
+
+def _accuracy_summary(correct: np.ndarray, chance: float, n_boot: int, seed: int) -> dict:
+    ci = bootstrap_ci(correct.astype(float), n_boot=n_boot, seed=seed)
+    return {"accuracy": float(correct.mean()), "ci": [ci["low"], ci["high"]], "above_chance": bool(ci["low"] > chance)}
+
+
+# ------------------------------------------------------------------ MMLU
+def mmlu_subject_header(subject: str) -> str:
+    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+
+
+def mmlu_question_text(record: Mapping, answer: bool = False) -> str:
+    """``"{question}\\nA. ..\\nD. ..\\nAnswer:"``, plus ``" {letter}"`` for a shot (``answer=True``)."""
+    choices = record["choices"]
+    if len(choices) != 4:
+        raise ValueError(f"MMLU questions have 4 choices, got {len(choices)}")
+    lines = [record["question"].strip()] + [f"{letter}. {choice}" for letter, choice in zip(MMLU_LETTERS, choices)]
+    text = "\n".join(lines) + "\nAnswer:"
+    return text + f" {MMLU_LETTERS[int(record['answer'])]}" if answer else text
+
+
+def mmlu_prompt(record: Mapping, shots: Sequence[Mapping]) -> str:
+    """The full lm-eval-format prompt of one test question with its few-shot examples."""
+    prefix = "".join(mmlu_question_text(shot, answer=True) + "\n\n" for shot in shots)
+    return mmlu_subject_header(record["subject"]) + prefix + mmlu_question_text(record)
+
+
+def mmlu_shots(dev: Sequence[Mapping], n_shots: int = 5) -> dict[str, list[Mapping]]:
+    """The first ``n_shots`` dev questions of every subject, in file order."""
+    shots: dict[str, list[Mapping]] = defaultdict(list)
+    for record in dev:
+        if len(shots[record["subject"]]) < n_shots:
+            shots[record["subject"]].append(record)
+    return dict(shots)
+
+
+def _single_token_ids(adapter: ModelAdapter, context: str, continuations: Sequence[str], add_special_tokens: bool) -> list[int] | None:
+    ids = []
+    for continuation in continuations:
+        _, cont = encode_pair(adapter, context, continuation, add_special_tokens)
+        if len(cont) != 1:
+            return None
+        ids.append(cont[0])
+    return ids
+
+
+def evaluate_mmlu(
+    adapter: ModelAdapter,
+    questions: Sequence[Mapping],
+    dev: Sequence[Mapping],
+    *,
+    n_shots: int = 5,
+    n_questions: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    share_prefix: bool = True,
+    add_special_tokens: bool = True,
+    n_boot: int = 2000,
+) -> dict:
+    """MMLU accuracy, micro (over questions) and macro (mean over subjects).
+
+    Args:
+        questions: MMLU test records ``{"subject", "question", "choices"[4], "answer"}``.
+        dev: dev records (the few-shot pool); shots are the first ``n_shots`` of the subject.
+        n_questions, seed: evaluate a seeded random subset (indices refer to ``questions``).
+        share_prefix: compute each subject's few-shot prefix once (exact for per-token hooks).
+
+    Returns a dict: ``benchmark``, ``n_shots``, ``n`` (questions evaluated), ``n_available``,
+    ``seed``, ``accuracy`` (micro), ``accuracy_macro``, ``ci`` (95% bootstrap of the micro
+    accuracy), ``chance_level`` (0.25), ``above_chance``, ``n_nonfinite``, ``by_subject``
+    ``{subject: {"n", "accuracy"}}``, ``questions`` (per question: ``index`` into ``questions``,
+    ``subject``, ``answer``, ``pred``, ``correct``, ``logprobs`` of A-D), ``scoring``
+    (``"next-token"`` or ``"continuation"`` when the letters are not single tokens).
+    """
+    shots = mmlu_shots(dev, n_shots)
+    selected = _select(len(questions), n_questions, seed)
+    if not selected:
+        raise ValueError("no MMLU questions to evaluate")
+    records = [questions[i] for i in selected]
+    for r in records:
+        if len(shots.get(r["subject"], [])) < n_shots:
+            raise ValueError(f"the dev split has fewer than {n_shots} questions for subject {r['subject']!r}")
+    prompts = [mmlu_prompt(r, shots[r["subject"]]) for r in records]
+    groups = [r["subject"] for r in records]
+    continuations = [" " + letter for letter in MMLU_LETTERS]
+    letter_ids = _single_token_ids(adapter, prompts[0], continuations, add_special_tokens)
+    if letter_ids is not None:
+        sequences = [_encode(adapter, p, add_special_tokens) for p in prompts]
+        logprobs, nonfinite = next_token_logprobs(
+            adapter, sequences, letter_ids, groups=groups, batch_size=batch_size, share_prefix=share_prefix, desc="MMLU"
+        )
+        n_nonfinite = int(nonfinite.sum())
+        scoring = "next-token"
+    else:  # letters are several tokens: score each as a continuation
+        sequences, starts, pair_groups = [], [], []
+        for q, prompt in enumerate(prompts):
+            for continuation in continuations:
+                ctx, cont = encode_pair(adapter, prompt, continuation, add_special_tokens)
+                sequences.append(ctx + cont)
+                starts.append(len(ctx))
+                pair_groups.append(groups[q])
+        scores = sequence_logprobs(
+            adapter, sequences, starts, groups=pair_groups, batch_size=batch_size, share_prefix=share_prefix, desc="MMLU"
+        )
+        logprobs = scores.logprob_sums.reshape(len(prompts), 4)
+        n_nonfinite = int(scores.n_nonfinite.sum())
+        scoring = "continuation"
+    preds = logprobs.argmax(axis=1)
+    answers = np.array([int(r["answer"]) for r in records])
+    correct = preds == answers
+    by_subject: dict[str, dict] = {}
+    for subject in sorted(set(groups)):
+        mask = np.array([g == subject for g in groups])
+        by_subject[subject] = {"n": int(mask.sum()), "accuracy": float(correct[mask].mean())}
+    summary = _accuracy_summary(correct, MMLU_CHANCE, n_boot, seed)
+    return {
+        "benchmark": "mmlu",
+        "n_shots": n_shots,
+        "n": len(records),
+        "n_available": len(questions),
+        "seed": seed,
+        "accuracy": summary["accuracy"],
+        "accuracy_macro": float(np.mean([s["accuracy"] for s in by_subject.values()])),
+        "ci": summary["ci"],
+        "chance_level": MMLU_CHANCE,
+        "above_chance": summary["above_chance"],
+        "n_nonfinite": n_nonfinite,
+        "scoring": scoring,
+        "by_subject": by_subject,
+        "questions": [
+            {
+                "index": int(i),
+                "subject": r["subject"],
+                "answer": int(a),
+                "pred": int(p),
+                "correct": bool(c),
+                "logprobs": [float(x) for x in lp],
+            }
+            for i, r, a, p, c, lp in zip(selected, records, answers, preds, correct, logprobs)
+        ],
+    }
+
+
+# ------------------------------------------------------------------ ARC-Challenge
+def arc_question_text(record: Mapping) -> str:
+    return f"Question: {record['question']}\nAnswer:"
+
+
+def arc_prompt(record: Mapping, shots: Sequence[Mapping]) -> str:
+    """Context of one ARC question: shots (with their correct answer) then the question."""
+    parts = [arc_question_text(s) + " " + s["choices"][int(s["answer"])] for s in shots]
+    return "\n\n".join(parts + [arc_question_text(record)])
+
+
+def arc_shots(record: Mapping, train: Sequence[Mapping], n_shots: int, shot_seed: int) -> list[Mapping]:
+    """``n_shots`` train questions for ``record``, fixed by ``shot_seed`` and the question's id."""
+    if n_shots == 0:
+        return []
+    key = record.get("id") or record["question"]
+    pool = [t for t in train if (t.get("id") or t["question"]) != key]
+    if len(pool) < n_shots:
+        raise ValueError(f"the ARC train split has {len(pool)} questions; {n_shots} shots requested")
+    return random.Random(f"{shot_seed}:{key}").sample(pool, n_shots)
+
+
+def evaluate_arc(
+    adapter: ModelAdapter,
+    questions: Sequence[Mapping],
+    train: Sequence[Mapping],
+    *,
+    n_shots: int = 5,
+    shot_seed: int = 1234,
+    n_questions: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    share_prefix: bool = True,
+    add_special_tokens: bool = True,
+    n_boot: int = 2000,
+) -> dict:
+    """ARC-Challenge ``acc`` and ``acc_norm`` (5-shot by default; 25 is the leaderboard setting).
+
+    Args:
+        questions: ARC records ``{"id", "question", "choices", "labels", "answer"}`` (test split).
+        train: the few-shot pool (train split).
+        n_shots, shot_seed: shots per question, drawn as ``arc_shots`` describes.
+        n_questions, seed: evaluate a seeded random subset.
+
+    Returns a dict: ``benchmark``, ``n_shots``, ``shot_seed``, ``n``, ``n_available``, ``seed``,
+    ``acc``, ``acc_ci``, ``acc_norm``, ``acc_norm_ci``, ``chance_level`` (mean of
+    ``1 / n_choices``), ``above_chance`` (for acc_norm), ``above_chance_acc``, ``n_nonfinite``,
+    ``questions`` (per question: ``index``, ``id``, ``answer``, ``pred``, ``pred_norm``,
+    ``correct``, ``correct_norm``, ``loglikelihoods``, ``n_choices``).
+    """
+    selected = _select(len(questions), n_questions, seed)
+    if not selected:
+        raise ValueError("no ARC questions to evaluate")
+    records = [questions[i] for i in selected]
+    sequences, starts, groups, owners, char_lens = [], [], [], [], []
+    for q, record in enumerate(records):
+        context = arc_prompt(record, arc_shots(record, train, n_shots, shot_seed))
+        for choice in record["choices"]:
+            ctx, cont = encode_pair(adapter, context, " " + choice, add_special_tokens)
+            sequences.append(ctx + cont)
+            starts.append(len(ctx))
+            groups.append(q)
+            owners.append(q)
+            char_lens.append(float(len(choice)))
+    scores = sequence_logprobs(
+        adapter, sequences, starts, groups=groups, batch_size=batch_size, share_prefix=share_prefix, desc="ARC"
+    )
+    owners_arr = np.array(owners)
+    lls = [scores.logprob_sums[owners_arr == q] for q in range(len(records))]
+    lens = [np.array(char_lens)[owners_arr == q] for q in range(len(records))]
+    answers = np.array([int(r["answer"]) for r in records])
+    preds = np.array([int(np.argmax(ll)) for ll in lls])
+    preds_norm = np.array([int(np.argmax(ll / np.maximum(ln, 1.0))) for ll, ln in zip(lls, lens)])
+    correct, correct_norm = preds == answers, preds_norm == answers
+    chance = float(np.mean([1.0 / len(r["choices"]) for r in records]))
+    acc = _accuracy_summary(correct, chance, n_boot, seed)
+    acc_norm = _accuracy_summary(correct_norm, chance, n_boot, seed)
+    return {
+        "benchmark": "arc_challenge",
+        "n_shots": n_shots,
+        "shot_seed": shot_seed,
+        "n": len(records),
+        "n_available": len(questions),
+        "seed": seed,
+        "acc": acc["accuracy"],
+        "acc_ci": acc["ci"],
+        "acc_norm": acc_norm["accuracy"],
+        "acc_norm_ci": acc_norm["ci"],
+        "chance_level": chance,
+        "above_chance": acc_norm["above_chance"],
+        "above_chance_acc": acc["above_chance"],
+        "n_nonfinite": int(scores.n_nonfinite.sum()),
+        "questions": [
+            {
+                "index": int(i),
+                "id": r.get("id", ""),
+                "answer": int(a),
+                "pred": int(p),
+                "pred_norm": int(pn),
+                "correct": bool(c),
+                "correct_norm": bool(cn),
+                "loglikelihoods": [float(x) for x in ll],
+                "n_choices": len(r["choices"]),
+            }
+            for i, r, a, p, pn, c, cn, ll in zip(selected, records, answers, preds, preds_norm, correct, correct_norm, lls)
+        ],
+    }

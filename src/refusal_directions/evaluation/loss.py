@@ -1,0 +1,499 @@
+"""Cross-entropy and perplexity, and the batched token scorer the benchmarks share.
+
+Scoring core (also used by ``benchmarks``): token sequences are right-padded into batches, run
+through the model's decoder stack (``model.get_decoder()``, so hooks on decoder layers apply), and
+the LM head is applied only to the final hidden states at the positions being scored, in chunks
+of at most ``max_rows`` rows. With Qwen's 151,936-token vocabulary, full float32 logits for a
+batch of long prompts would take gigabytes; this keeps one ``[max_rows, vocab]`` block alive.
+
+Sequences that share a long token prefix (MMLU questions of one subject share the 5-shot
+prefix; the choices of one ARC question share the question) can be grouped: the prefix is run
+once with a KV cache and only the suffixes are batched (``share_prefix``). That is exact for
+hooks that act on each token independently (all interventions of this project), and it is what
+makes 5-shot MMLU cheap on a CPU.
+
+Loss results (``LossResult``) are token-weighted means of the negative log-likelihood:
+``mean_loss = sum of token NLLs / number of scored tokens``; ``perplexity = exp(mean_loss)``.
+Per-document mean losses and token counts are kept for paired bootstraps.
+
+Non-finite logits: a scored position whose logits hold NaN or inf is counted in
+``n_nonfinite``; its logits are then made finite (``nan_to_num`` with NaN -> 0, +-inf -> +-1e4,
+then clamped to [-1e4, 1e4]) before ``log_softmax``, so one broken position cannot turn the
+mean into NaN, and the count says whether that happened.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import math
+import weakref
+from dataclasses import asdict, dataclass, field
+from typing import Hashable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..models import ModelAdapter
+
+log = logging.getLogger(__name__)
+
+LOGIT_LIMIT = 1e4  # non-finite logits are replaced and everything clamped to [-LOGIT_LIMIT, LOGIT_LIMIT]
+DEFAULT_MAX_ROWS = 512  # LM-head rows computed at once: 512 x 151,936 float32 = 311 MB
+
+
+# ------------------------------------------------------------------ model plumbing
+def _decoder(adapter: ModelAdapter) -> nn.Module:
+    get = getattr(adapter.model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    if decoder is None:
+        raise TypeError(f"{type(adapter.model).__name__} has no get_decoder(); cannot score selected positions.")
+    return decoder
+
+
+def _cache_kwarg(decoder: nn.Module) -> str:
+    """transformers 5.24 calls the KV cache ``cache``; earlier 5.x releases ``past_key_values``."""
+    params = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def project_to_logits(adapter: ModelAdapter, hidden: Tensor) -> Tensor:
+    """Logits from *final* hidden states (the decoder output, after the final norm).
+
+    ``hidden``: ``[..., d_model]``. Returns float32 ``[..., vocab]``: the LM head, then the
+    model's logit scaling (Cohere ``logit_scale``, Granite ``logits_scaling``) and soft-capping
+    (Gemma-2 ``final_logit_softcapping``) exactly as its ``ForCausalLM.forward`` applies them.
+    """
+    head = adapter.lm_head
+    weight = getattr(head, "weight", None)
+    if weight is not None:
+        hidden = hidden.to(device=weight.device, dtype=weight.dtype)
+    logits = head(hidden).float()
+    config = adapter.model.config
+    text_config = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    scale = getattr(text_config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    scaling = getattr(text_config, "logits_scaling", None)
+    if isinstance(scaling, (int, float)) and scaling != 1:
+        logits = logits / scaling
+    if adapter.logit_softcap:
+        logits = torch.tanh(logits / adapter.logit_softcap) * adapter.logit_softcap
+    return logits
+
+
+_HEAD_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+@torch.inference_mode()
+def check_head(adapter: ModelAdapter) -> None:
+    """Once per model: the decoder + ``project_to_logits`` path must reproduce ``model(...).logits``.
+
+    Raises ``RuntimeError`` for architectures whose causal-LM forward does something else to the
+    logits (then selected-position scoring would be wrong).
+    """
+    if _HEAD_CHECKED.get(adapter.model):
+        return
+    ids = adapter.tokenizer("The quick brown fox", add_special_tokens=False)["input_ids"][:8] or [0]
+    input_ids = torch.tensor([ids], device=adapter.input_device)
+    reference = adapter.model(input_ids=input_ids, use_cache=False).logits[0, -1].float()
+    hidden = _decoder(adapter)(input_ids=input_ids, use_cache=False).last_hidden_state[0, -1]
+    ours = project_to_logits(adapter, hidden).to(reference.device)
+    tolerance = (1e-3 if adapter.dtype == torch.float32 else 2e-2) * max(1.0, reference.abs().max().item())
+    if not torch.allclose(ours, reference, atol=tolerance, rtol=0):
+        raise RuntimeError(
+            f"{type(adapter.model).__name__}: logits from the decoder output and the LM head differ from the "
+            f"model's own logits (max diff {(ours - reference).abs().max().item():.3g}); this architecture "
+            "transforms its logits in a way refusal-directions does not know."
+        )
+    _HEAD_CHECKED[adapter.model] = True
+
+
+def _pad_id(adapter: ModelAdapter) -> int:
+    pad = adapter.tokenizer.pad_token_id
+    return int(pad) if pad is not None else 0
+
+
+def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    first = sequences[0]
+    n = len(first)
+    for seq in sequences[1:]:
+        m = min(n, len(seq))
+        i = 0
+        while i < m and seq[i] == first[i]:
+            i += 1
+        n = i
+        if n == 0:
+            break
+    return n
+
+
+@dataclass
+class _Unit:
+    """A set of sequences scored together: ``prefix_len`` tokens shared and run once (0 = none)."""
+
+    members: list[int]
+    prefix_len: int
+
+
+def _plan(
+    sequences: Sequence[Sequence[int]],
+    positions: Sequence[Sequence[int]],
+    groups: Sequence[Hashable] | None,
+    share_prefix: bool,
+    min_prefix: int,
+) -> list[_Unit]:
+    loose: list[int] = []
+    units: list[_Unit] = []
+    if groups is None or not share_prefix:
+        return [_Unit(list(range(len(sequences))), 0)]
+    by_group: dict[Hashable, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    for members in by_group.values():
+        prefix = _common_prefix_length([sequences[i] for i in members])
+        # every scored position must lie after the cached prefix, and every suffix be non-empty
+        for i in members:
+            prefix = min(prefix, len(sequences[i]) - 1, *(p for p in positions[i]))
+        if len(members) < 2 or prefix < min_prefix:
+            loose.extend(members)
+        else:
+            units.append(_Unit(members, prefix))
+    if loose:
+        units.append(_Unit(sorted(loose), 0))
+    return units
+
+
+def iter_final_hidden(
+    adapter: ModelAdapter,
+    sequences: Sequence[Sequence[int]],
+    positions: Sequence[Sequence[int]],
+    *,
+    groups: Sequence[Hashable] | None = None,
+    batch_size: int = 8,
+    share_prefix: bool = True,
+    min_prefix: int = 16,
+    desc: str = "scoring",
+) -> Iterator[tuple[list[int], list[Tensor]]]:
+    """Final hidden states (decoder output) of each sequence at the requested positions.
+
+    Args:
+        sequences: token id lists (already including any BOS).
+        positions: for each sequence, the 0-based positions whose hidden states are wanted
+            (the position *predicting* token ``p + 1``).
+        groups: optional group key per sequence; members of a group that share a token prefix
+            of at least ``min_prefix`` tokens have it computed once (KV cache), see module doc.
+        batch_size: sequences per forward. Within a unit, sequences are sorted by length
+            (longest first) so that padding is small.
+
+    Yields ``(indices, hidden)`` per batch: ``hidden[j]`` is ``[len(positions[indices[j]]), d_model]``
+    on the model's output device, in the order of the requested positions.
+    """
+    if len(sequences) != len(positions):
+        raise ValueError("one positions list per sequence is needed")
+    if groups is not None and len(groups) != len(sequences):
+        raise ValueError("one group key per sequence is needed")
+    for i, (seq, pos) in enumerate(zip(sequences, positions)):
+        if any(p < 0 or p >= len(seq) for p in pos):
+            raise ValueError(f"sequence {i}: positions {list(pos)} outside 0..{len(seq) - 1}")
+    decoder = _decoder(adapter)
+    cache_kw = _cache_kwarg(decoder)
+    device = adapter.input_device
+    pad = _pad_id(adapter)
+    with tqdm(total=len(sequences), desc=desc, unit="seq", leave=False) as bar:
+        for unit in _plan(sequences, positions, groups, share_prefix, min_prefix):
+            P = unit.prefix_len
+            prefix_cache = None
+            if P:
+                prefix = torch.tensor([list(sequences[unit.members[0]][:P])], device=device)
+                prefix_cache = _output_cache(decoder(input_ids=prefix, use_cache=True))
+            order = sorted(unit.members, key=lambda i: -len(sequences[i]))
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                lengths = [len(sequences[i]) - P for i in batch]
+                T = max(lengths)
+                ids = torch.full((len(batch), T), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), T), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    ids[row, : lengths[row]] = torch.as_tensor(list(sequences[i][P:]), dtype=torch.long)
+                    mask[row, : lengths[row]] = 1
+                ids, mask = ids.to(device), mask.to(device)
+                if P:
+                    cache = copy.deepcopy(prefix_cache)
+                    cache.batch_repeat_interleave(len(batch))
+                    full_mask = torch.cat([torch.ones((len(batch), P), dtype=mask.dtype, device=device), mask], dim=1)
+                    position_ids = (P + torch.arange(T, device=device)).unsqueeze(0).expand(len(batch), -1)
+                    out = decoder(
+                        input_ids=ids, attention_mask=full_mask, position_ids=position_ids, use_cache=True, **{cache_kw: cache}
+                    )
+                    del cache
+                else:
+                    out = decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+                hidden = out.last_hidden_state
+                rows = [hidden[row, torch.as_tensor([p - P for p in positions[i]], dtype=torch.long, device=hidden.device)] for row, i in enumerate(batch)]
+                yield batch, rows
+                bar.update(len(batch))
+
+
+def _safe_log_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """``(log_softmax over the vocabulary, bool mask of rows that had non-finite logits)``."""
+    nonfinite = ~torch.isfinite(logits).all(dim=-1)
+    if nonfinite.any():
+        logits = torch.nan_to_num(logits, nan=0.0, posinf=LOGIT_LIMIT, neginf=-LOGIT_LIMIT)
+    logits = logits.clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
+    return torch.log_softmax(logits, dim=-1), nonfinite
+
+
+@dataclass
+class SequenceScores:
+    """Per-sequence sums over the scored tokens: log-probabilities, token counts, non-finite rows."""
+
+    logprob_sums: np.ndarray  # [n] float64
+    n_tokens: np.ndarray  # [n] int64
+    n_nonfinite: np.ndarray  # [n] int64
+
+
+@torch.inference_mode()
+def sequence_logprobs(
+    adapter: ModelAdapter,
+    sequences: Sequence[Sequence[int]],
+    score_from: Sequence[int],
+    *,
+    groups: Sequence[Hashable] | None = None,
+    batch_size: int = 8,
+    share_prefix: bool = True,
+    max_rows: int = DEFAULT_MAX_ROWS,
+    desc: str = "scoring",
+) -> SequenceScores:
+    """Sum of ``log p(token_t | tokens_<t)`` over ``t = score_from[i] .. len - 1`` of each sequence.
+
+    ``score_from[i] >= 1`` (the first token has no prediction); ``score_from[i] == len`` scores
+    nothing (sum 0, count 0). Logits are computed only for the scored positions.
+    """
+    check_head(adapter)
+    n = len(sequences)
+    positions: list[list[int]] = []
+    for i, (seq, start) in enumerate(zip(sequences, score_from)):
+        if start < 1 or start > len(seq):
+            raise ValueError(f"sequence {i}: score_from {start} outside 1..{len(seq)}")
+        positions.append(list(range(start - 1, len(seq) - 1)))
+    sums = np.zeros(n, dtype=np.float64)
+    counts = np.array([len(p) for p in positions], dtype=np.int64)
+    bad = np.zeros(n, dtype=np.int64)
+    scored = [i for i in range(n) if positions[i]]
+    if not scored:
+        return SequenceScores(sums, counts, bad)
+    sub_groups = None if groups is None else [groups[i] for i in scored]
+    for batch, rows in iter_final_hidden(
+        adapter,
+        [sequences[i] for i in scored],
+        [positions[i] for i in scored],
+        groups=sub_groups,
+        batch_size=batch_size,
+        share_prefix=share_prefix,
+        desc=desc,
+    ):
+        owners = torch.cat([torch.full((len(r),), j, dtype=torch.long) for j, r in zip(batch, rows)])
+        targets = torch.cat(
+            [torch.as_tensor(list(sequences[scored[j]][score_from[scored[j]] :]), dtype=torch.long) for j in batch]
+        )
+        hidden = torch.cat(rows, dim=0)
+        for start in range(0, hidden.shape[0], max_rows):
+            logprobs, nonfinite = _safe_log_softmax(project_to_logits(adapter, hidden[start : start + max_rows]))
+            tgt = targets[start : start + max_rows].to(logprobs.device)
+            picked = logprobs.gather(-1, tgt[:, None])[:, 0].double().cpu().numpy()
+            who = np.array([scored[j] for j in owners[start : start + max_rows].tolist()], dtype=np.int64)
+            np.add.at(sums, who, picked)
+            np.add.at(bad, who, nonfinite.cpu().numpy().astype(np.int64))
+    return SequenceScores(sums, counts, bad)
+
+
+@torch.inference_mode()
+def next_token_logprobs(
+    adapter: ModelAdapter,
+    sequences: Sequence[Sequence[int]],
+    candidate_ids: Sequence[int],
+    *,
+    groups: Sequence[Hashable] | None = None,
+    batch_size: int = 8,
+    share_prefix: bool = True,
+    desc: str = "scoring",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probabilities of ``candidate_ids`` as the token after each whole sequence.
+
+    One logit row per sequence (the last position). Returns ``(logprobs [n, k] float64,
+    nonfinite [n] bool)``; the log-softmax is over the full vocabulary.
+    """
+    check_head(adapter)
+    n = len(sequences)
+    out = np.zeros((n, len(candidate_ids)), dtype=np.float64)
+    bad = np.zeros(n, dtype=bool)
+    candidates = torch.as_tensor(list(candidate_ids), dtype=torch.long)
+    for batch, rows in iter_final_hidden(
+        adapter,
+        sequences,
+        [[len(s) - 1] for s in sequences],
+        groups=groups,
+        batch_size=batch_size,
+        share_prefix=share_prefix,
+        desc=desc,
+    ):
+        logprobs, nonfinite = _safe_log_softmax(project_to_logits(adapter, torch.cat(rows, dim=0)))
+        out[batch] = logprobs[:, candidates.to(logprobs.device)].double().cpu().numpy()
+        bad[batch] = nonfinite.cpu().numpy()
+    return out, bad
+
+
+# ------------------------------------------------------------------ cross-entropy
+@dataclass
+class LossResult:
+    """Token-weighted cross-entropy of one corpus.
+
+    ``doc_losses[i]`` is document i's mean NLL over its ``doc_tokens[i]`` scored tokens (documents
+    with no scored token are dropped and counted in ``n_skipped``), so
+    ``mean_loss == sum(doc_losses * doc_tokens) / sum(doc_tokens)``.
+    """
+
+    corpus: str
+    mean_loss: float
+    perplexity: float
+    n_tokens: int
+    n_documents: int
+    n_nonfinite: int
+    n_skipped: int
+    doc_losses: list[float] = field(repr=False)
+    doc_tokens: list[int] = field(repr=False)
+    max_length: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _loss_result(corpus: str, scores: SequenceScores, max_length: int | None, n_skipped: int) -> LossResult:
+    keep = scores.n_tokens > 0
+    n_tokens = int(scores.n_tokens[keep].sum())
+    total_nll = float(-scores.logprob_sums[keep].sum())
+    mean = total_nll / n_tokens if n_tokens else float("nan")
+    return LossResult(
+        corpus=corpus,
+        mean_loss=mean,
+        perplexity=math.exp(mean) if n_tokens and mean < 700 else float("inf") if n_tokens else float("nan"),
+        n_tokens=n_tokens,
+        n_documents=int(keep.sum()),
+        n_nonfinite=int(scores.n_nonfinite.sum()),
+        n_skipped=n_skipped + int((~keep).sum()),
+        doc_losses=(-scores.logprob_sums[keep] / scores.n_tokens[keep]).tolist(),
+        doc_tokens=scores.n_tokens[keep].astype(int).tolist(),
+        max_length=max_length,
+    )
+
+
+def _tokens(adapter: ModelAdapter, text: str) -> list[int]:
+    return list(adapter.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _leading_tokens(adapter: ModelAdapter, text: str, n: int) -> list[int]:
+    """The first ``n`` tokens of ``text`` without tokenizing all of a very long document."""
+    cut = max(64, 8 * n)
+    while True:
+        ids = _tokens(adapter, text[:cut])
+        if cut >= len(text) or len(ids) >= n + 8:  # tokens well before the cut are unaffected by it
+            return ids[:n]
+        cut *= 2
+
+
+def text_loss(
+    adapter: ModelAdapter,
+    documents: Sequence[Mapping | str],
+    *,
+    max_length: int = 256,
+    add_bos: bool = True,
+    batch_size: int = 8,
+    max_rows: int = DEFAULT_MAX_ROWS,
+    corpus: str = "text",
+) -> LossResult:
+    """Cross-entropy of general text: every predicted token of each document's first ``max_length`` tokens.
+
+    Documents are ``{"text": ...}`` records (``data.load_dataset`` kind ``text``) or strings. The
+    tokenizer's BOS token is prepended when it has one (``add_bos``); it counts toward
+    ``max_length`` and is never a target. A document of ``L`` tokens contributes ``L - 1`` targets.
+    """
+    bos = adapter.tokenizer.bos_token_id if add_bos else None
+    budget = max_length - (1 if bos is not None else 0)
+    sequences = []
+    for doc in documents:
+        text = doc if isinstance(doc, str) else doc["text"]
+        ids = _leading_tokens(adapter, text, budget)
+        sequences.append(([bos] if bos is not None else []) + ids)
+    keep = [i for i, s in enumerate(sequences) if len(s) >= 2]
+    scores = sequence_logprobs(
+        adapter, [sequences[i] for i in keep], [1] * len(keep), batch_size=batch_size, max_rows=max_rows, desc=f"loss {corpus}"
+    )
+    return _loss_result(corpus, scores, max_length, len(sequences) - len(keep))
+
+
+def instruction_text(record: Mapping) -> str:
+    """The user message of an Alpaca record: the instruction, plus ``"\\n\\n" + input`` when there is one."""
+    extra = record.get("input") or ""
+    return record["instruction"] + ("\n\n" + extra if extra.strip() else "")
+
+
+def instruction_loss(
+    adapter: ModelAdapter,
+    records: Sequence[Mapping],
+    *,
+    max_length: int | None = None,
+    batch_size: int = 8,
+    max_rows: int = DEFAULT_MAX_ROWS,
+    corpus: str = "alpaca",
+) -> LossResult:
+    """Cross-entropy of the outputs of ``{"instruction", "input", "output"}`` records, in the chat format.
+
+    Each sequence is ``tokens(adapter.format_prompt(instruction_text(record)))`` followed by
+    ``tokens(output)``; only the output tokens are scored. ``max_length`` (optional) truncates
+    the whole sequence, dropping output tokens beyond it.
+    """
+    sequences, starts = [], []
+    for record in records:
+        prompt = _tokens(adapter, adapter.format_prompt(instruction_text(record)))
+        output = _tokens(adapter, record["output"])
+        seq = prompt + output
+        if max_length is not None:
+            seq = seq[:max_length]
+        sequences.append(seq)
+        starts.append(min(len(prompt), len(seq)))
+    keep = [i for i in range(len(sequences)) if 1 <= starts[i] < len(sequences[i])]
+    scores = sequence_logprobs(
+        adapter,
+        [sequences[i] for i in keep],
+        [starts[i] for i in keep],
+        batch_size=batch_size,
+        max_rows=max_rows,
+        desc=f"loss {corpus}",
+    )
+    return _loss_result(corpus, scores, max_length, len(records) - len(keep))
+
+
+def on_distribution_loss(
+    adapter: ModelAdapter,
+    instructions: Sequence[str],
+    completions: Sequence[str],
+    *,
+    max_length: int | None = None,
+    batch_size: int = 8,
+    max_rows: int = DEFAULT_MAX_ROWS,
+    corpus: str = "on_distribution",
+) -> LossResult:
+    """``instruction_loss`` on (instruction, the baseline model's own completion) pairs."""
+    if len(instructions) != len(completions):
+        raise ValueError(f"{len(instructions)} instructions but {len(completions)} completions")
+    records = [{"instruction": i, "input": "", "output": c} for i, c in zip(instructions, completions)]
+    return instruction_loss(adapter, records, max_length=max_length, batch_size=batch_size, max_rows=max_rows, corpus=corpus)
