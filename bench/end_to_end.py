@@ -139,35 +139,60 @@ def stage_select(adapter, args) -> None:
 
 
 def stage_generate(adapter, args) -> None:
+    """Tokens/s of generation. Dynamic-cache variants apply interventions as hooks or baked weights;
+    "-static" variants use a static KV cache (compiled decoding) with persistent slot hooks."""
     from refusal_directions.directions.base import Eraser
     from refusal_directions.generation import generate_tokens
-    from refusal_directions.interventions import Removal, applied
+    from refusal_directions.hooks import apply_hooks
+    from refusal_directions.interventions import InterventionSlots, Removal, applied
 
     d = adapter.d_model
     g = torch.Generator().manual_seed(0)
     r = torch.randn(d, generator=g)
     r = r / r.norm()
     V = torch.linalg.qr(torch.randn(d, 8, generator=g))[0]
-    variants = {
+    interventions = {
         "plain": None,
-        "ablation-hooks": (Removal(Eraser(r[:, None], r[:, None]), range(adapter.n_layers)), False),
-        "projection-k8-hooks": (Removal(Eraser(V, V), range(adapter.n_layers)), False),
-        "reflection-reference-hooks": (Removal(Eraser(r[:, None], r[:, None]), range(adapter.n_layers), alpha=2.0), False),
-        "ablation-baked": (Removal(Eraser(r[:, None], r[:, None]), range(adapter.n_layers)), True),
+        "ablation": Removal(Eraser(r[:, None], r[:, None]), range(adapter.n_layers)),
+        "projection-k8": Removal(Eraser(V, V), range(adapter.n_layers)),
+        "reflection-reference": Removal(Eraser(r[:, None], r[:, None]), range(adapter.n_layers), alpha=2.0),
     }
     pool = prompts(args.data_dir, "jailbreakbench", args.n_test) + prompts(args.data_dir, "harmless_test", args.n_test)
+    slots = InterventionSlots(adapter, max_rank=8)
+
+    def run(name: str, batch: int, todo: list[str], max_new: int):
+        how = name.split("-")[-1]
+        key = name.removesuffix("-" + how)
+        intervention = interventions[key]
+        if how == "static":
+            slots.load(intervention)
+            with apply_hooks(slots.hooks()):
+                return generate_tokens(adapter, todo, max_new, batch, cache_implementation="static"), "slots"
+        with applied(adapter, intervention, bake_weights=(how == "baked")) as applied_as:
+            return generate_tokens(adapter, todo, max_new, batch), applied_as
+
     for batch in args.gen_batches:
         for name in args.variants:
-            variant = variants[name]
-            intervention, baked = variant if variant else (None, False)
-            todo = pool[: max(batch, 1) * args.gen_rounds] if batch < len(pool) else pool
-            torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-            with applied(adapter, intervention, bake_weights=baked) as how, Timer() as t:
-                outs = generate_tokens(adapter, todo, args.max_new_tokens, batch)
+            todo = pool[: batch * args.gen_rounds] if batch < len(pool) else pool
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            with Timer() as t:
+                outs, how = run(name, batch, todo, args.max_new_tokens)
             tokens = sum(len(o) for o in outs)
             emit(stage="generate", variant=name, applied_as=how, batch=batch, prompts=len(todo),
                  max_new_tokens=args.max_new_tokens, new_tokens=tokens, seconds=round(t.seconds, 2),
                  tokens_per_s=round(tokens / t.seconds, 1), peak_gpu_gb=peak_gb())
+    if args.check_static:
+        # The compiled, slot-driven path must apply the intervention like plain hooks do.
+        todo, n = pool[:16], 24
+        hooked, _ = run("ablation-hooks", 16, todo, n)
+        static, _ = run("ablation-static", 16, todo, n)
+        plain, _ = run("plain-static", 16, todo, n)
+        agree = sum(a == b for x, y in zip(hooked, static) for a, b in zip(x, y)) / sum(len(x) for x in hooked)
+        differ = sum(a != b for x, y in zip(plain, static) for a, b in zip(x, y)) / sum(len(x) for x in plain)
+        first = sum(x[0] == y[0] for x, y in zip(hooked, static)) / len(todo)
+        emit(stage="generate", check="static slots vs dynamic hooks (ablation)", token_agreement=round(agree, 3),
+             first_token_agreement=round(first, 3), fraction_differing_from_plain=round(differ, 3))
 
 
 def stage_evaluate(adapter, args) -> None:
@@ -206,7 +231,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--gen-batches", type=int, nargs="+", default=[200, 64])
     parser.add_argument("--gen-rounds", type=int, default=1, help="batches per measurement when batch < prompts")
-    parser.add_argument("--variants", nargs="+", default=["plain", "ablation-hooks", "ablation-baked"])
+    parser.add_argument("--variants", nargs="+", default=["plain-hooks", "ablation-hooks", "ablation-baked", "plain-static", "ablation-static"],
+                        help="<intervention>-<how>: intervention plain, ablation, projection-k8 or reflection-reference; "
+                             "how: hooks (dynamic cache), baked (dynamic cache, weights edited) or static "
+                             "(static KV cache, compiled decoding, persistent slot hooks)")
+    parser.add_argument("--check-static", action="store_true", help="compare static-slot and hook generations")
     parser.add_argument("--loss-docs", type=int, default=512)
     parser.add_argument("--mmlu-questions", type=int, default=500)
     parser.add_argument("--arc-questions", type=int, default=300)

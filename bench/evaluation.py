@@ -15,6 +15,7 @@ every subject), and each method's time is the sum over subjects. Predictions mus
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import os
 import time
@@ -47,6 +48,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-plain-batched", action="store_true", help="skip the batched-without-prefix-sharing variant")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--random-8b-tokenizer", default=None,
+                        help="instead of --model: a Llama-3-8B-shaped random bf16 model with this tokenizer (GPU timing)")
     args = parser.parse_args()
 
     from refusal_directions import load_dataset, load_model
@@ -57,7 +60,14 @@ def main() -> None:
     subjects = sorted({r["subject"] for r in test})[:: args.every_nth_subject]
     by_subject = {s: [r for r in test if r["subject"] == s][: args.per_subject] for s in subjects}
     shots = mmlu_shots(dev)
-    adapter = load_model(args.model, device=args.device)
+    if args.random_8b_tokenizer:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from end_to_end import build_adapter
+
+        adapter = build_adapter(args.random_8b_tokenizer, args.device)
+        args.model = "llama3-8b-shaped-random"
+    else:
+        adapter = load_model(args.model, device=args.device)
     letter_ids = [adapter.tokenizer(" " + x, add_special_tokens=False)["input_ids"][0] for x in "ABCD"]
 
     evaluate_mmlu(adapter, by_subject[subjects[0]][:1], dev, batch_size=1)  # warm-up (and head check)

@@ -177,3 +177,52 @@ def test_baking_is_refused_where_not_exact():
         check_bakeable(adapter, Removal(removal.eraser, range(3), alpha=2.0, mode="reference"))
     with applied(make_adapter("gemma2"), removal, bake_weights=True) as how:
         assert how == "hooks"
+
+
+@pytest.mark.parametrize("kind", ["projection", "reflection", "actadd", "leace", "none"])
+def test_slots_equal_hooks(kind):
+    from refusal_directions.interventions import InterventionSlots
+
+    adapter = make_adapter("llama", n_layers=4)
+    V = orthonormal(64, 3)
+    u = unit(64, 1)
+    w = u + 0.5 * unit(64, 2)
+    w = w / w.norm()
+    intervention = {
+        "projection": Removal(Eraser(V, V), [0, 1, 3]),
+        "reflection": Removal(Eraser(V[:, :1], V[:, :1]), range(4), alpha=2.0, mode="reference"),
+        "actadd": ActAdd(2.0 * unit(64, 3), layer=2),
+        "leace": Removal(Eraser((u / (u @ w))[:, None], w[:, None], torch.randn(64)), range(4)),
+        "none": None,
+    }[kind]
+    enc = adapter.encode_instructions(PROMPTS)
+    with intervene(adapter, intervention):
+        expected = adapter.model(**enc).logits
+    slots = InterventionSlots(adapter, max_rank=4)
+    with apply_hooks(slots.hooks()):
+        slots.load(Removal(Eraser(V, V), range(4)))  # something else first: load() must reset it
+        slots.load(intervention)
+        got = adapter.model(**enc).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_slots_are_respected_by_a_compiled_forward():
+    """torch.compile ignores hooks added after compilation; slot contents are read at every call."""
+    from refusal_directions.interventions import InterventionSlots
+
+    adapter = make_adapter("llama", n_layers=2, d_model=32)
+    enc = adapter.encode_instructions(["hello there"])
+    slots = InterventionSlots(adapter, max_rank=1)
+    r = unit(32)
+    with apply_hooks(slots.hooks()):
+        compiled = torch.compile(adapter.model.forward, backend="eager")
+        plain = compiled(**enc).logits
+        slots.load(Removal(Eraser(r[:, None], r[:, None]), range(2)))
+        edited = compiled(**enc).logits
+        slots.load(None)
+        again = compiled(**enc).logits
+    with intervene(adapter, Removal(Eraser(r[:, None], r[:, None]), range(2))):
+        expected = adapter.model(**enc).logits
+    torch.testing.assert_close(edited, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, plain)
+    assert (edited - plain).abs().max() > 1e-3

@@ -76,6 +76,7 @@ class RunConfig:
     eval_datasets: list[str] = opt(["jailbreakbench"], "Harmful evaluation sets.", "infer")
     harmless_eval: str = opt("harmless_test", "Harmless test prompts (refusal on harmless).", "infer")
     max_new_tokens: int = opt(512, "Generation length.", "infer")
+    generation_cache: str = opt("auto", "KV cache for generation: static (compiled decoding with persistent intervention hooks; GPU), dynamic, or auto (static on GPU).", None, ("auto", "static", "dynamic"))
     bake_weights: str = opt("auto", "Generate with weights baked for exact all-layer linear removals: auto or never.", "infer", ("auto", "never"))
     # ------------------------------------------------------------------ evaluation
     refusal_phrases: str = opt("arditi", "Substring judge list: arditi or jailbreakbench.", "evaluate", ("arditi", "jailbreakbench"))

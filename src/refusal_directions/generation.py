@@ -35,9 +35,10 @@ def generate(
     max_new_tokens: int = 512,
     batch_size: int = 32,
     desc: str = "generate",
+    cache_implementation: str | None = None,
 ) -> list[str]:
     """Greedy completions (decoded, stripped) of chat-formatted ``instructions``, in input order."""
-    ids = generate_tokens(adapter, instructions, max_new_tokens, batch_size, desc)
+    ids = generate_tokens(adapter, instructions, max_new_tokens, batch_size, desc, cache_implementation)
     return [adapter.tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
 
 
@@ -48,12 +49,20 @@ def generate_tokens(
     max_new_tokens: int = 512,
     batch_size: int = 32,
     desc: str = "generate",
+    cache_implementation: str | None = None,
 ) -> list[list[int]]:
     """Greedy new-token ids of chat-formatted ``instructions``, in input order, cut after the stop token.
 
     Prompts are sorted by length so each batch has little padding. On out-of-memory the batch
-    size is halved (with a warning) and the batch retried.
+    size is halved (with a warning) and the batch retried. ``cache_implementation="static"``
+    preallocates the KV cache, which lets transformers compile the decoding step on GPU.
     """
+    if cache_implementation == "static":
+        from torch import _dynamo
+
+        # A compiled decoding step must not silently ignore hooks changed after compilation:
+        # guard on them (recompiling) instead. Pipelines use persistent slot hooks, which never change.
+        _dynamo.config.skip_nnmodule_hook_guards = False
     prompts = adapter.format_prompts(instructions)
     lengths = [len(adapter.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
@@ -70,6 +79,7 @@ def generate_tokens(
                 out = adapter.model.generate(
                     **enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
                     temperature=None, top_p=None, top_k=None,
+                    **({"cache_implementation": cache_implementation} if cache_implementation else {}),
                 )
             except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
                 if not _is_oom(exc) or batch_size == 1:

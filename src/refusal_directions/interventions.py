@@ -47,7 +47,9 @@ def _edit_fn(eraser: Eraser, alpha: float, affine: bool) -> HookFn:
     bias = eraser.bias if affine else None
 
     def edit(x: Tensor) -> Tensor:
-        y = x.float()
+        # Block inputs may still sit on the previous layer's device when a model is sharded
+        # (accelerate moves them inside forward, after pre-hooks run): compute on this layer's.
+        y = x.to(left.device, torch.float32)
         delta = y if bias is None else y - bias
         return (y - alpha * (delta @ right) @ left.T).to(x.dtype)
 
@@ -56,7 +58,7 @@ def _edit_fn(eraser: Eraser, alpha: float, affine: bool) -> HookFn:
 
 def _add_fn(vector: Tensor) -> HookFn:
     def add(x: Tensor) -> Tensor:
-        return (x.float() + vector).to(x.dtype)
+        return (x.to(vector.device, torch.float32) + vector).to(x.dtype)
 
     return add
 
@@ -117,6 +119,71 @@ def intervene(adapter: ModelAdapter, *interventions: Intervention | None) -> Ite
     hooks = [h for i in interventions if i is not None for h in i.hooks(adapter)]
     with apply_hooks(hooks):
         yield
+
+
+# ---------------------------------------------------------------------- persistent slots
+class _LayerSlot(nn.Module):
+    """The tensors one layer's persistent hooks read (float32, on the layer's device)."""
+
+    def __init__(self, d_model: int, max_rank: int, device: torch.device):
+        super().__init__()
+        for name, shape in (("left", (d_model, max_rank)), ("right", (d_model, max_rank)), ("bias", (d_model,)),
+                            ("add", (d_model,)), ("alpha_input", ()), ("alpha_writes", ())):
+            self.register_buffer(name, torch.zeros(shape, dtype=torch.float32, device=device), persistent=False)
+
+    def input_fn(self, x: Tensor) -> Tensor:
+        y = x.to(self.left.device, torch.float32)
+        return (y - self.alpha_input * ((y - self.bias) @ self.right) @ self.left.T + self.add).to(x.dtype)
+
+    def write_fn(self, x: Tensor) -> Tensor:
+        y = x.float()
+        return (y - self.alpha_writes * (y @ self.right) @ self.left.T).to(x.dtype)
+
+
+class InterventionSlots:
+    """Hooks installed once at every block input and write point, driven by tensors.
+
+    Loading an intervention only copies values into the slots' buffers (zeros: no effect), so a
+    compiled decoding step (static KV cache, CUDA graphs) serves every intervention without
+    recompiling: torch.compile does not notice hooks added after compilation, so swapping hooks
+    would be silently ignored, while buffer contents are read at every replay. Per layer l:
+    block input ``x - a_in[l] ((x - b) W) Uᵀ + v[l]``; writes ``w - a_w[l] (w W) Uᵀ``.
+    """
+
+    def __init__(self, adapter: ModelAdapter, max_rank: int = 1):
+        self.adapter = adapter
+        self.max_rank = max_rank
+        self.slots = [_LayerSlot(adapter.d_model, max_rank, adapter.layer_device(l)) for l in range(adapter.n_layers)]
+
+    def hooks(self) -> list[Hook]:
+        out = []
+        for slot, points in zip(self.slots, self.adapter.hook_points):
+            out.append(Hook(points.block, "input", slot.input_fn))
+            out.extend(Hook(write, "output", slot.write_fn) for write in points.writes)
+        return out
+
+    @torch.no_grad()
+    def load(self, intervention: Intervention | None) -> None:
+        """Make the slots apply ``intervention`` (None: the identity)."""
+        for slot in self.slots:
+            for buffer in slot.buffers():
+                buffer.zero_()
+        if isinstance(intervention, ActAdd):
+            self.slots[intervention.layer].add.copy_(intervention.vector)
+        elif isinstance(intervention, Removal):
+            eraser, rank = intervention.eraser, intervention.eraser.rank
+            if rank > self.max_rank:
+                raise ValueError(f"Intervention rank {rank} exceeds the slots' max_rank {self.max_rank}.")
+            block_inputs = set(intervention.block_input_layers())
+            for layer in sorted(set(intervention.layers)):
+                slot = self.slots[layer]
+                slot.left[:, :rank] = eraser.left
+                slot.right[:, :rank] = eraser.right
+                if intervention.affine and eraser.bias is not None:
+                    slot.bias.copy_(eraser.bias)
+                slot.alpha_writes.fill_(intervention.alpha)
+                if layer in block_inputs:
+                    slot.alpha_input.fill_(intervention.alpha)
 
 
 # ---------------------------------------------------------------------- weight baking

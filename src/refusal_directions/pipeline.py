@@ -47,6 +47,7 @@ from .directions.base import DirectionSet
 from .directions.diff_in_means import fit_diff_in_means
 from .directions.geometry import geometry
 from .generation import generate
+from .hooks import apply_hooks
 from .interventions import REMOVAL_NAMES, InterventionSpec, applied
 from .models import ModelAdapter, load_model
 from .selection import MethodSelection, SelectionSettings, refusal_scores, select_method, steering_table
@@ -449,8 +450,8 @@ def infer(run: Run, selections: dict[str, MethodSelection] | None = None,
     key = run.stage_key("infer")
     write_json(run.path("infer", "plan.json"), {"key": key, "interventions": [s.to_dict() for s in plan]})
     prompt_sets = eval_prompt_sets(config)
-    bake = config.bake_weights == "auto"
-    with timed(run, "infer"):
+    static = use_static_cache(run)
+    with timed(run, "infer"), _generation_setup(run, plan, sets, static) as apply_spec:
         for spec in plan:
             todo = [d for d, records in prompt_sets.items()
                     if config.force_overwrite or not _completions_valid(run.path("infer", spec.name, f"{d}.jsonl"), key, len(records))]
@@ -461,9 +462,10 @@ def infer(run: Run, selections: dict[str, MethodSelection] | None = None,
                 groups.setdefault(spec.kind != "actadd" or d != config.harmless_eval, []).append(d)
             for harmful, datasets in groups.items():
                 records = [r for d in datasets for r in prompt_sets[d]]
-                with applied(run.adapter, spec.build(sets, harmful), bake_weights=bake) as how:
+                with apply_spec(spec, harmful) as how:
                     responses = generate(run.adapter, instructions(records), config.max_new_tokens,
-                                         generation_batch_size(run, len(records)), desc=f"{spec.name} ({', '.join(datasets)})")
+                                         generation_batch_size(run, len(records)), desc=f"{spec.name} ({', '.join(datasets)})",
+                                         cache_implementation="static" if static else None)
                 start = 0
                 for d in datasets:
                     rows = prompt_sets[d]
@@ -474,6 +476,42 @@ def infer(run: Run, selections: dict[str, MethodSelection] | None = None,
                     ])
                     start += len(rows)
     return plan
+
+
+def use_static_cache(run: Run) -> bool:
+    """Static KV cache (compiled decoding) on GPU unless asked otherwise; dynamic on CPU."""
+    mode = run.config.generation_cache
+    return mode == "static" or (mode == "auto" and run.adapter.input_device.type == "cuda")
+
+
+@contextmanager
+def _generation_setup(run: Run, plan: list[InterventionSpec], sets: dict[str, DirectionSet], static: bool):
+    """Yield ``apply_spec(spec, harmful)``: a context manager applying one intervention for generation.
+
+    Static cache: persistent slot hooks, loaded per intervention (a compiled decoding step never
+    sees hooks added after compilation). Dynamic cache: baked weights where exact, else hooks.
+    """
+    from .interventions import InterventionSlots
+
+    if not static:
+        bake = run.config.bake_weights == "auto"
+
+        def apply_spec(spec: InterventionSpec, harmful: bool):
+            return applied(run.adapter, spec.build(sets, harmful), bake_weights=bake)
+
+        yield apply_spec
+        return
+    built = [spec.build(sets) for spec in plan]
+    max_rank = max([1, *(i.eraser.rank for i in built if hasattr(i, "eraser"))])
+    slots = InterventionSlots(run.adapter, max_rank)
+
+    @contextmanager
+    def load(spec: InterventionSpec, harmful: bool):
+        slots.load(spec.build(sets, harmful))
+        yield "slots"
+
+    with apply_hooks(slots.hooks()):
+        yield load
 
 
 def generation_batch_size(run: Run, n_prompts: int) -> int:

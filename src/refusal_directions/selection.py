@@ -126,7 +126,7 @@ def _full_logits(adapter: ModelAdapter, enc: dict[str, Tensor]) -> Tensor:
 def kl_divergence(base_logits: Tensor, new_logits: Tensor) -> Tensor:
     """KL(base || new) per row of [B, V] logits, in float32."""
     base = torch.log_softmax(base_logits.float(), -1)
-    new = torch.log_softmax(new_logits.float(), -1)
+    new = torch.log_softmax(new_logits.to(base.device, torch.float32), -1)  # sharded models: heads may differ
     return (base.exp() * (base - new)).sum(-1)
 
 
