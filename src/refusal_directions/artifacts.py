@@ -33,6 +33,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` atomically; leave the file untouched if it already holds exactly these bytes."""
+    path = Path(path)
+    if path.exists() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 

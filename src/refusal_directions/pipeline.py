@@ -739,8 +739,8 @@ def _assemble_summary(run: Run, plan, completions, outcomes, safety, notes, refu
         correct = [q["correct"] for q in mmlu["questions"]]
         cells["mmlu"] = S.binary_cell(correct, base_items.get("mmlu"), seed)
         arc = outcomes[spec.name]["arc_challenge"]
-        for variant in ("acc", "acc_norm"):
-            items = [q[f"correct_{variant}" if f"correct_{variant}" in q else variant] for q in arc["questions"]]
+        for variant, field_name in (("acc", "correct"), ("acc_norm", "correct_norm")):
+            items = [q[field_name] for q in arc["questions"]]
             cells[f"arc_challenge/{variant}"] = S.binary_cell(items, base_items.get(f"arc_challenge/{variant}"), seed)
             if is_base:
                 base_items[f"arc_challenge/{variant}"] = items
