@@ -520,7 +520,7 @@ def generation_batch_size(run: Run, n_prompts: int) -> int:
         return run.config.batch_size
     adapter = run.adapter
     if adapter.input_device.type != "cuda":
-        return 16
+        return min(n_prompts, 64)  # CPU decoding is bound by reading the weights: larger batches are nearly free
     config = adapter.model.config.get_text_config()
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
