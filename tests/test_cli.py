@@ -38,7 +38,7 @@ def test_flags_override_toml_and_presets(tmp_path):
     config, note = config_from_args(args)
     assert config.n_val == 4 and config.methods == ["inlp"] and config.top_fraction == 0.25
     assert config.filter_train is False and config.scope == "top"
-    assert config.n_train == 64 and config.max_new_tokens == 64  # from the quick preset
+    assert config.n_train == 64 and config.max_new_tokens == 48  # from the quick preset
     assert note == ""
 
 

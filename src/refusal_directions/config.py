@@ -151,20 +151,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The reference sizes (Arditi et al. / the reference tool), for GPU runs.
     "reference": {},
     # Sized for the embedded 0.5B model on a 2-core CPU (about 30 minutes for the whole run):
-    # two positions instead of all five, 64+64 train and 16+16 val prompts, one ActAdd multiplier in
-    # selection, 32 test prompts per set, 64 new tokens, and sub-sampled loss and benchmark sets.
+    # the last post-instruction position only (instead of all five), 64+64 train prompts,
+    # multipliers 1 and 2 (instead of 0.5, 1, 2), reflection at alpha 2 only, 32 test prompts per
+    # set, 48 new tokens (instead of 512), and 16 documents / questions for cross-entropy, MMLU
+    # and ARC (instead of 4096 / 500 / all): capability numbers with wide intervals.
     "quick": {
         "n_train": 64,
-        "n_val": 16,
+        "n_val": 32,
         "n_test": 32,
-        "positions": [-5, -1],
-        "actadd_multipliers": [1.0],
+        "positions": [-1],
+        "actadd_multipliers": [1.0, 2.0],
         "reflection_alphas": [2.0],
-        "max_new_tokens": 64,
-        "n_loss_docs": 32,
-        "mmlu_questions": 57,
-        "arc_questions": 57,
-        "inlp_max_iter": 100,
+        "max_new_tokens": 48,
+        "n_loss_docs": 16,
+        "mmlu_questions": 16,
+        "arc_questions": 16,
     },
 }
 
