@@ -167,7 +167,13 @@ def test_arc_loglikelihoods_match_manual_continuations():
     result = evaluate_arc(adapter, ARC_TEST, ARC_TRAIN, n_shots=2, batch_size=3)
     assert result["n"] == 3
     assert result["chance_level"] == pytest.approx((1 / 3 + 1 / 4 + 1 / 5) / 3)
+    shots = arc_shots(None, ARC_TRAIN, 2, shot_seed=1234)  # one shared set by default
     for q, row in zip(ARC_TEST, result["questions"]):
+        context = arc_prompt(q, shots)
+        expected = [continuation_logprob(adapter, context, " " + c) for c in q["choices"]]
+        assert row["loglikelihoods"] == pytest.approx(expected, abs=1e-4)
+    per_question = evaluate_arc(adapter, ARC_TEST, ARC_TRAIN, n_shots=2, batch_size=3, shared_shots=False)
+    for q, row in zip(ARC_TEST, per_question["questions"]):
         context = arc_prompt(q, arc_shots(q, ARC_TRAIN, 2, shot_seed=1234))
         expected = [continuation_logprob(adapter, context, " " + c) for c in q["choices"]]
         assert row["loglikelihoods"] == pytest.approx(expected, abs=1e-4)

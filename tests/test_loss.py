@@ -131,3 +131,23 @@ def test_shared_prefix_matches_full_sequences(arch):
     # the prefix really was shared: one unit with a long cached prefix
     batches = list(iter_final_hidden(model_adapter, seqs, [[len(s) - 1] for s in seqs], groups=["g"] * 3, batch_size=3))
     assert len(batches) == 1 and sorted(batches[0][0]) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gemma3_text"])
+def test_groups_with_different_prefixes_share_batches(arch):
+    """Prefixes of different lengths run left-padded in one forward; suffix rows of different
+    groups then share batches, each reading its own group's prefix (positions stay right)."""
+    model_adapter = make_adapter(arch, n_layers=2)
+    prefixes = [token_ids(model_adapter, p) for p in ("A short shared prefix here. ", "A much longer shared prefix, with many more tokens in it. ")]
+    suffixes = ["one", "second suffix", "3rd and longest suffix here", "x y"]
+    seqs, groups, starts = [], [], []
+    for g, prefix in enumerate(prefixes):
+        for s in suffixes[g:]:
+            seqs.append(prefix + token_ids(model_adapter, s))
+            groups.append(g)
+            starts.append(len(prefix))
+    plain = sequence_logprobs(model_adapter, seqs, starts, share_prefix=False, batch_size=1)
+    shared = sequence_logprobs(model_adapter, seqs, starts, groups=groups, batch_size=4)
+    assert shared.logprob_sums == pytest.approx(plain.logprob_sums, abs=1e-4)
+    batches = list(iter_final_hidden(model_adapter, seqs, [[len(s) - 1] for s in seqs], groups=groups, batch_size=8))
+    assert len(batches) == 1 and sorted(batches[0][0]) == list(range(len(seqs)))

@@ -222,10 +222,15 @@ def arc_prompt(record: Mapping, shots: Sequence[Mapping]) -> str:
     return "\n\n".join(parts + [arc_question_text(record)])
 
 
-def arc_shots(record: Mapping, train: Sequence[Mapping], n_shots: int, shot_seed: int) -> list[Mapping]:
-    """``n_shots`` train questions for ``record``, fixed by ``shot_seed`` and the question's id."""
+def arc_shots(record: Mapping | None, train: Sequence[Mapping], n_shots: int, shot_seed: int) -> list[Mapping]:
+    """``n_shots`` train questions for ``record``, fixed by ``shot_seed`` and the question's id;
+    with ``record=None`` one seeded set shared by every question."""
     if n_shots == 0:
         return []
+    if record is None:
+        if len(train) < n_shots:
+            raise ValueError(f"the ARC train split has {len(train)} questions; {n_shots} shots requested")
+        return random.Random(f"{shot_seed}:shared").sample(list(train), n_shots)
     key = record.get("id") or record["question"]
     pool = [t for t in train if (t.get("id") or t["question"]) != key]
     if len(pool) < n_shots:
@@ -240,6 +245,7 @@ def evaluate_arc(
     *,
     n_shots: int = 5,
     shot_seed: int = 1234,
+    shared_shots: bool = True,
     n_questions: int | None = None,
     seed: int = 0,
     batch_size: int = 8,
@@ -248,6 +254,11 @@ def evaluate_arc(
     n_boot: int = 2000,
 ) -> dict:
     """ARC-Challenge ``acc`` and ``acc_norm`` (5-shot by default; 25 is the leaderboard setting).
+
+    ``shared_shots`` (default): one seeded set of shots for every question (as the reference tool,
+    which takes fixed train shots), so the few-shot prefix is computed once for all questions;
+    otherwise shots are drawn per question (as lm-evaluation-harness does), which costs a prefix
+    per question.
 
     Args:
         questions: ARC records ``{"id", "question", "choices", "labels", "answer"}`` (test split).
@@ -266,13 +277,14 @@ def evaluate_arc(
         raise ValueError("no ARC questions to evaluate")
     records = [questions[i] for i in selected]
     sequences, starts, groups, owners, char_lens = [], [], [], [], []
+    common_shots = arc_shots(None, train, n_shots, shot_seed) if shared_shots else None
     for q, record in enumerate(records):
-        context = arc_prompt(record, arc_shots(record, train, n_shots, shot_seed))
+        context = arc_prompt(record, common_shots if shared_shots else arc_shots(record, train, n_shots, shot_seed))
         for choice in record["choices"]:
             ctx, cont = encode_pair(adapter, context, " " + choice, add_special_tokens)
             sequences.append(ctx + cont)
             starts.append(len(ctx))
-            groups.append(q)
+            groups.append(0 if shared_shots else q)
             owners.append(q)
             char_lens.append(float(len(choice)))
     scores = sequence_logprobs(
@@ -292,6 +304,7 @@ def evaluate_arc(
         "benchmark": "arc_challenge",
         "n_shots": n_shots,
         "shot_seed": shot_seed,
+        "shared_shots": shared_shots,
         "n": len(records),
         "n_available": len(questions),
         "seed": seed,

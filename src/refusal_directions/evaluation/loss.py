@@ -208,39 +208,66 @@ def iter_final_hidden(
     cache_kw = _cache_kwarg(decoder)
     device = adapter.input_device
     pad = _pad_id(adapter)
+    units = _plan(sequences, positions, groups, share_prefix, min_prefix)
+    shared = [u for u in units if u.prefix_len]
+    loose = [i for u in units if not u.prefix_len for i in u.members]
     with tqdm(total=len(sequences), desc=desc, unit="seq", leave=False) as bar:
-        for unit in _plan(sequences, positions, groups, share_prefix, min_prefix):
-            P = unit.prefix_len
-            prefix_cache = None
-            if P:
-                prefix = torch.tensor([list(sequences[unit.members[0]][:P])], device=device)
-                prefix_cache = _output_cache(decoder(input_ids=prefix, use_cache=True))
-            order = sorted(unit.members, key=lambda i: -len(sequences[i]))
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
-                lengths = [len(sequences[i]) - P for i in batch]
-                T = max(lengths)
-                ids = torch.full((len(batch), T), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), T), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids[row, : lengths[row]] = torch.as_tensor(list(sequences[i][P:]), dtype=torch.long)
-                    mask[row, : lengths[row]] = 1
+        # Prefixed units in waves of ``batch_size``: one batched (left-padded) forward computes the
+        # wave's prefixes; each suffix row then reads its own unit's prefix from the KV cache, so
+        # rows of different groups share a batch.
+        for w in range(0, len(shared), batch_size):
+            wave = shared[w : w + batch_size]
+            prefix_ids, prefix_mask = _pad_batch([sequences[u.members[0]][: u.prefix_len] for u in wave], pad, left=True)
+            prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
+            prefix_positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+            prefix_cache = _output_cache(
+                decoder(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=prefix_positions, use_cache=True)
+            )
+            rows = sorted(((k, i) for k, u in enumerate(wave) for i in u.members), key=lambda r: -len(sequences[r[1]]))
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                batch = [i for _, i in chunk]
+                unit_of_row = torch.tensor([k for k, _ in chunk], device=device)
+                prefix_len = torch.tensor([wave[k].prefix_len for k, _ in chunk], device=device)
+                ids, mask = _pad_batch([sequences[i][wave[k].prefix_len :] for k, i in chunk], pad, left=False)
                 ids, mask = ids.to(device), mask.to(device)
-                if P:
-                    cache = copy.deepcopy(prefix_cache)
-                    cache.batch_repeat_interleave(len(batch))
-                    full_mask = torch.cat([torch.ones((len(batch), P), dtype=mask.dtype, device=device), mask], dim=1)
-                    position_ids = (P + torch.arange(T, device=device)).unsqueeze(0).expand(len(batch), -1)
-                    out = decoder(
-                        input_ids=ids, attention_mask=full_mask, position_ids=position_ids, use_cache=True, **{cache_kw: cache}
-                    )
-                    del cache
-                else:
-                    out = decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-                hidden = out.last_hidden_state
-                rows = [hidden[row, torch.as_tensor([p - P for p in positions[i]], dtype=torch.long, device=hidden.device)] for row, i in enumerate(batch)]
-                yield batch, rows
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_select_indices(unit_of_row)
+                out = decoder(
+                    input_ids=ids,
+                    attention_mask=torch.cat([prefix_mask[unit_of_row], mask], dim=1),
+                    position_ids=prefix_len[:, None] + torch.arange(ids.shape[1], device=device),
+                    use_cache=True,
+                    **{cache_kw: cache},
+                )
+                del cache
+                yield batch, _select_rows(out.last_hidden_state, [[p - wave[k].prefix_len for p in positions[i]] for k, i in chunk])
                 bar.update(len(batch))
+            del prefix_cache
+        order = sorted(loose, key=lambda i: -len(sequences[i]))
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            ids, mask = _pad_batch([sequences[i] for i in batch], pad, left=False)
+            out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            yield batch, _select_rows(out.last_hidden_state, [positions[i] for i in batch])
+            bar.update(len(batch))
+
+
+def _pad_batch(rows: Sequence[Sequence[int]], pad: int, left: bool) -> tuple[Tensor, Tensor]:
+    """Token rows padded to one length (on the left or the right): ids and attention mask [B, T]."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for b, r in enumerate(rows):
+        span = slice(T - len(r), T) if left else slice(0, len(r))
+        ids[b, span] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[b, span] = 1
+    return ids, mask
+
+
+def _select_rows(hidden: Tensor, positions: Sequence[Sequence[int]]) -> list[Tensor]:
+    """``hidden[b, positions[b]]`` for every row b: a list of [len(positions[b]), d_model]."""
+    return [hidden[b, torch.as_tensor(list(p), dtype=torch.long, device=hidden.device)] for b, p in enumerate(positions)]
 
 
 def _safe_log_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
