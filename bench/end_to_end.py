@@ -161,6 +161,8 @@ def stage_generate(adapter, args) -> None:
     slots = InterventionSlots(adapter, max_rank=8)
 
     def run(name: str, batch: int, todo: list[str], max_new: int):
+        if name == "bare-static":  # static cache with no hook at all: the compiled baseline
+            return generate_tokens(adapter, todo, max_new, batch, cache_implementation="static"), "none"
         how = name.split("-")[-1]
         key = name.removesuffix("-" + how)
         intervention = interventions[key]
@@ -234,7 +236,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["plain-hooks", "ablation-hooks", "ablation-baked", "plain-static", "ablation-static"],
                         help="<intervention>-<how>: intervention plain, ablation, projection-k8 or reflection-reference; "
                              "how: hooks (dynamic cache), baked (dynamic cache, weights edited) or static "
-                             "(static KV cache, compiled decoding, persistent slot hooks)")
+                             "(static KV cache, compiled decoding, persistent slot hooks); or bare-static "
+                             "(static cache, compiled, no hooks)")
     parser.add_argument("--check-static", action="store_true", help="compare static-slot and hook generations")
     parser.add_argument("--loss-docs", type=int, default=512)
     parser.add_argument("--mmlu-questions", type=int, default=500)
