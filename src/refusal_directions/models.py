@@ -158,6 +158,10 @@ class ModelAdapter:
         self.hook_points: list[LayerHookPoints] = [find_hook_points(layer) for layer in self.layers]
         self.final_norm: nn.Module = self._find_final_norm()
         self.logit_softcap: float | None = getattr(text_config, "final_logit_softcapping", None)
+        scale = getattr(text_config, "logit_scale", None)  # Cohere multiplies, Granite divides
+        scaling = getattr(text_config, "logits_scaling", None)
+        self.logit_scale: float = (float(scale) if isinstance(scale, (int, float)) else 1.0) / (
+            float(scaling) if isinstance(scaling, (int, float)) and scaling else 1.0)
         self.eoi_token_ids: list[int] = self._derive_eoi_tokens()
         self.refusal_token_ids: list[int] = self._derive_refusal_tokens(refusal_prefixes)
 
@@ -231,8 +235,19 @@ class ModelAdapter:
         return self.model.get_output_embeddings()
 
     def logits_from_hidden(self, hidden: Tensor) -> Tensor:
-        """Logits from last-layer hidden states (before the final norm): norm, unembed, softcap."""
-        logits = self.lm_head(self.final_norm(hidden.to(self.final_norm.weight.device)))
+        """Float32 logits from the last decoder layer's output ``[..., d_model]`` (before the final norm)."""
+        return self.logits_from_final(self.final_norm(hidden.to(self.final_norm.weight.device)))
+
+    def logits_from_final(self, hidden: Tensor) -> Tensor:
+        """Float32 logits from final hidden states (after the final norm): the LM head, then the
+        model's logit scaling (Cohere ``logit_scale``, Granite ``logits_scaling``) and soft-capping
+        (Gemma-2/3 ``final_logit_softcapping``), as its ``ForCausalLM.forward`` applies them."""
+        weight = getattr(self.lm_head, "weight", None)
+        if weight is not None:
+            hidden = hidden.to(device=weight.device, dtype=weight.dtype)
+        logits = self.lm_head(hidden).float()
+        if self.logit_scale != 1:
+            logits = logits * self.logit_scale
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits

@@ -66,28 +66,9 @@ def _output_cache(output):
 
 
 def project_to_logits(adapter: ModelAdapter, hidden: Tensor) -> Tensor:
-    """Logits from *final* hidden states (the decoder output, after the final norm).
-
-    ``hidden``: ``[..., d_model]``. Returns float32 ``[..., vocab]``: the LM head, then the
-    model's logit scaling (Cohere ``logit_scale``, Granite ``logits_scaling``) and soft-capping
-    (Gemma-2 ``final_logit_softcapping``) exactly as its ``ForCausalLM.forward`` applies them.
-    """
-    head = adapter.lm_head
-    weight = getattr(head, "weight", None)
-    if weight is not None:
-        hidden = hidden.to(device=weight.device, dtype=weight.dtype)
-    logits = head(hidden).float()
-    config = adapter.model.config
-    text_config = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
-    scale = getattr(text_config, "logit_scale", None)
-    if isinstance(scale, (int, float)) and scale != 1:
-        logits = logits * scale
-    scaling = getattr(text_config, "logits_scaling", None)
-    if isinstance(scaling, (int, float)) and scaling != 1:
-        logits = logits / scaling
-    if adapter.logit_softcap:
-        logits = torch.tanh(logits / adapter.logit_softcap) * adapter.logit_softcap
-    return logits
+    """Float32 logits ``[..., vocab]`` from *final* hidden states (the decoder output, after the
+    final norm): ``ModelAdapter.logits_from_final`` (LM head, logit scaling, soft-capping)."""
+    return adapter.logits_from_final(hidden)
 
 
 _HEAD_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
