@@ -22,7 +22,7 @@ import psutil
 import torch
 
 from refusal_directions.activations import cache_activations, default_positions
-from refusal_directions.data import instructions, load_dataset, sample
+from refusal_directions.data import load_dataset, sample
 from refusal_directions.models import load_model
 
 

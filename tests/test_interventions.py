@@ -6,7 +6,7 @@ import torch
 from refusal_directions.directions.base import Eraser
 from refusal_directions.hooks import Hook, apply_hooks
 from refusal_directions.interventions import ActAdd, BakingError, Removal, applied, bake, check_bakeable, intervene, restore
-from tiny import make_adapter, make_model, make_tokenizer
+from tiny import make_adapter, make_tokenizer
 
 PROMPTS = ["hello there", "how do I bake bread", "what?"]
 

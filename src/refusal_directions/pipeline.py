@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import platform
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 
@@ -81,10 +80,6 @@ class Run:
         if self.config.batch_size:
             return self.config.batch_size
         return 64 if self.adapter.input_device.type == "cuda" else 16
-
-
-def default_batch_size(device: torch.device) -> int:
-    return 64 if device.type == "cuda" else 16
 
 
 def open_run(config: RunConfig, adapter: ModelAdapter | None = None, run_dir: Path | None = None) -> Run:
@@ -435,7 +430,8 @@ def eval_prompt_sets(config: RunConfig) -> dict[str, list[dict]]:
     """Harmful evaluation sets (``n_test`` each, seeded) and the harmless test prompts."""
     out = {}
     for name in config.eval_datasets:
-        out[name] = sample(load_dataset(name, config.data_dir), min(config.n_test, len(load_dataset(name, config.data_dir))), config.seed)
+        records = load_dataset(name, config.data_dir)
+        out[name] = sample(records, min(config.n_test, len(records)), config.seed)
     out[config.harmless_eval] = sample(load_dataset(config.harmless_eval, config.data_dir), config.n_test, config.seed)
     return out
 
@@ -584,9 +580,6 @@ def _cached_metric(run: Run, spec: InterventionSpec, metric: str, compute) -> di
 
 def evaluate(run: Run, plan: list[InterventionSpec] | None = None, sets: dict[str, DirectionSet] | None = None) -> dict:
     """Every metric under every intervention, with intervals and paired tests against the baseline."""
-    from .evaluation import summary as S
-    from .evaluation.judges import refusal_outcomes
-
     config = run.config
     plan = plan or load_plan(run)
     sets = sets or load_extraction(run).direction_sets
@@ -598,7 +591,7 @@ def evaluate(run: Run, plan: list[InterventionSpec] | None = None, sets: dict[st
         for spec in plan:
             outcomes[spec.name] = _model_metrics(run, spec, sets, completions, notes)
         safety = _safety_metrics(run, plan, completions, notes)
-        summary = _assemble_summary(run, plan, completions, outcomes, safety, notes, refusal_outcomes, S)
+        summary = _assemble_summary(run, plan, completions, outcomes, safety, notes)
         summary["key"] = key
         write_json(run.path("evaluate", "summary.json"), summary)
     return summary
@@ -691,7 +684,12 @@ def _safety_metrics(run: Run, plan: list[InterventionSpec], completions, notes: 
     return results
 
 
-def _assemble_summary(run: Run, plan, completions, outcomes, safety, notes, refusal_outcomes, S) -> dict:
+def _assemble_summary(run: Run, plan, completions, outcomes, safety, notes) -> dict:
+    """The ``evaluate/summary.json`` document (schema in ``report``): cells with intervals and paired
+    tests against the baseline, per-category attack success, chance flags, examples, notes."""
+    from .evaluation import summary as S
+    from .evaluation.judges import refusal_outcomes
+
     config = run.config
     seed = config.seed
     datasets = config.eval_datasets
@@ -844,26 +842,16 @@ def _print_extraction_summary(run: Run, extraction: Extraction, console) -> None
 def _print_selection_summary(selections: dict[str, MethodSelection], console) -> None:
     from rich.table import Table
 
+    from .report import compress_layers
+
     table = Table("method", "position", "layer", "bypass", "steering", "KL", "scope layers", title="Selection")
     for method, sel in selections.items():
         b = sel.best
         table.add_row(method, str(b.position), str(b.layer), f"{b.bypass:.3f}", f"{b.steering:.3f}", f"{b.kl:.4f}",
-                      _layer_ranges(sel.scope_layers))
+                      compress_layers(sel.scope_layers))
         if sel.fallback_warning:
             console.print(f"[yellow]{sel.fallback_warning}[/yellow]")
     console.print(table)
-
-
-def _layer_ranges(layers: Sequence[int]) -> str:
-    parts, start = [], None
-    layers = sorted(layers)
-    for i, l in enumerate(layers):
-        if start is None:
-            start = l
-        if i == len(layers) - 1 or layers[i + 1] != l + 1:
-            parts.append(f"{start}" if start == l else f"{start}-{l}")
-            start = None
-    return ",".join(parts)
 
 
 def export_model(config: RunConfig, method: str, out: Path, run_dir: Path | None = None) -> Path:
