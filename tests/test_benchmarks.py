@@ -211,3 +211,14 @@ def test_embedded_mmlu_runs(embedded_adapter, data_dir):
     assert result["n"] == 20 and result["n_available"] == len(test)
     assert 0.0 <= result["accuracy"] <= 1.0 and result["scoring"] == "next-token"
     assert result["n_nonfinite"] == 0
+
+
+def test_mmlu_subject_subsample(data_dir):
+    from refusal_directions.data import load_dataset
+
+    adapter = make_adapter("llama", n_layers=1, d_model=32)
+    test, dev = load_dataset("mmlu", data_dir, split="test"), load_dataset("mmlu", data_dir, split="dev")
+    result = evaluate_mmlu(adapter, test, dev, n_questions=4, n_subjects=2, seed=3, batch_size=4)
+    assert result["n"] == 4 and 1 <= len(result["by_subject"]) <= 2
+    again = evaluate_mmlu(adapter, test, dev, n_questions=4, n_subjects=2, seed=3, batch_size=4)
+    assert [q["index"] for q in again["questions"]] == [q["index"] for q in result["questions"]]

@@ -87,6 +87,7 @@ class RunConfig:
     n_loss_docs: int = opt(4096, "Documents for general-text and Alpaca cross-entropy (reference: 2048 batches of 2).", "evaluate")
     loss_max_length: int = opt(256, "Tokens per document for cross-entropy.", "evaluate")
     mmlu_questions: int | None = opt(500, "MMLU questions (seeded sub-sample, as the reference's 500; 'none' = all 14,042).", "evaluate")
+    mmlu_subjects: int | None = opt(None, "Draw the MMLU questions from this many seeded subjects (default: all subjects).", "evaluate")
     arc_questions: int | None = opt(None, "ARC-Challenge questions (seeded sub-sample; default all).", "evaluate")
     arc_shots: int = opt(5, "ARC-Challenge shots (25 = leaderboard setting).", "evaluate")
     # ------------------------------------------------------------------ stage control (never hashed)
@@ -151,20 +152,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The reference sizes (Arditi et al. / the reference tool), for GPU runs.
     "reference": {},
     # Sized for the embedded 0.5B model on a 2-core CPU (about 30 minutes for the whole run):
-    # the last post-instruction position only (instead of all five), 64+64 train prompts,
-    # multipliers 1 and 2 (instead of 0.5, 1, 2), reflection at alpha 2 only, 32 test prompts per
-    # set, 48 new tokens (instead of 512), and 16 documents / questions for cross-entropy, MMLU
-    # and ARC (instead of 4096 / 500 / all): capability numbers with wide intervals.
+    # the last post-instruction position only (instead of all five), 64+64 train prompts, one
+    # ActAdd multiplier, 2 (instead of 0.5, 1, 2), reflection at alpha 2 only, 32 test prompts per
+    # set, 48 new tokens (instead of 512), 16 documents for cross-entropy, 16 MMLU questions from 2
+    # subjects and 16 ARC questions (instead of 4096 / 500 / all): capability intervals are wide.
     "quick": {
         "n_train": 64,
         "n_val": 32,
         "n_test": 32,
         "positions": [-1],
-        "actadd_multipliers": [1.0, 2.0],
+        "actadd_multipliers": [2.0],
         "reflection_alphas": [2.0],
         "max_new_tokens": 48,
         "n_loss_docs": 16,
         "mmlu_questions": 16,
+        "mmlu_subjects": 2,
         "arc_questions": 16,
     },
 }

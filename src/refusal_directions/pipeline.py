@@ -636,7 +636,8 @@ def _model_metrics(run: Run, spec: InterventionSpec, sets, completions, notes: l
         def mmlu():
             test = load_dataset("mmlu", config.data_dir, split="test")
             dev = load_dataset("mmlu", config.data_dir, split="dev")
-            return benchmarks.evaluate_mmlu(adapter, test, dev, n_questions=config.mmlu_questions, seed=config.seed, batch_size=bs)
+            return benchmarks.evaluate_mmlu(adapter, test, dev, n_questions=config.mmlu_questions,
+                                            n_subjects=config.mmlu_subjects, seed=config.seed, batch_size=bs)
 
         out["mmlu"] = _cached_metric(run, spec, "mmlu", mmlu)
 

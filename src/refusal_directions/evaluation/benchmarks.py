@@ -121,6 +121,7 @@ def evaluate_mmlu(
     *,
     n_shots: int = 5,
     n_questions: int | None = None,
+    n_subjects: int | None = None,
     seed: int = 0,
     batch_size: int = 8,
     share_prefix: bool = True,
@@ -133,6 +134,8 @@ def evaluate_mmlu(
         questions: MMLU test records ``{"subject", "question", "choices"[4], "answer"}``.
         dev: dev records (the few-shot pool); shots are the first ``n_shots`` of the subject.
         n_questions, seed: evaluate a seeded random subset (indices refer to ``questions``).
+        n_subjects: first restrict to this many seeded random subjects (few subjects with several
+            questions each share their few-shot prefixes: the cheap way to a small sample).
         share_prefix: compute each subject's few-shot prefix once (exact for per-token hooks).
 
     Returns a dict: ``benchmark``, ``n_shots``, ``n`` (questions evaluated), ``n_available``,
@@ -143,7 +146,12 @@ def evaluate_mmlu(
     (``"next-token"`` or ``"continuation"`` when the letters are not single tokens).
     """
     shots = mmlu_shots(dev, n_shots)
-    selected = _select(len(questions), n_questions, seed)
+    pool = list(range(len(questions)))
+    if n_subjects is not None:
+        subjects = sorted({r["subject"] for r in questions})
+        chosen = set(random.Random(seed).sample(subjects, min(n_subjects, len(subjects))))
+        pool = [i for i in pool if questions[i]["subject"] in chosen]
+    selected = [pool[i] for i in _select(len(pool), n_questions, seed)]
     if not selected:
         raise ValueError("no MMLU questions to evaluate")
     records = [questions[i] for i in selected]
