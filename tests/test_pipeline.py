@@ -152,3 +152,19 @@ def test_export_bakes_the_selected_removal(complete_run, tiny_model, data_dir, t
     assert (exported(**enc).logits - hooked).abs().max() <= 1e-4
     meta = json.loads((out / "refusal_directions.json").read_text())
     assert meta["method"] == "diff_in_means" and meta["layer"] == best.layer
+
+
+def test_unavailable_safety_judge_is_not_run_with_the_reason(complete_run, tiny_model, data_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(complete_run.dir, folder)
+    config = tiny_config(tiny_model, tmp_path, data_dir, safety_judge=str(tmp_path / "no-such-guard"))
+    run = P.open_run(config, run_dir=folder)
+    summary = P.evaluate(run)
+    cell = summary["results"]["diff_in_means.ablation"]["safety/jailbreakbench"]
+    assert cell["status"] == "not run" and "no-such-guard" in cell["reason"]
+    assert any("safety judge not run" in note for note in summary["notes"])
+    assert run.adapter.model is None  # freed before the judge was loaded
+    P.write_manifest(run)  # still works without the model
+    assert json.loads(run.path("manifest.json").read_text())["model"]["fingerprint"] == complete_run.adapter.fingerprint

@@ -331,6 +331,38 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
         raise ModelLoadError(f"Unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16.") from None
 
 
+def hub_unavailable_reason(repo_id: str, timeout: float = 3.0) -> str | None:
+    """Why ``repo_id`` cannot be loaded from the Hugging Face hub right now (None: it can, or it is cached).
+
+    Checks the local cache, the offline switch and whether the hub's host resolves, so offline
+    machines fail in seconds instead of after minutes of download retries.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return None
+        endpoint = constants.ENDPOINT
+    except Exception:  # an unusual huggingface_hub: let the real load decide
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    previous = socket.getdefaulttimeout()
+    try:
+        socket.setdefaulttimeout(timeout)
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        return f"the Hugging Face hub ({host}) cannot be reached ({exc}) and {repo_id} is not cached locally"
+    finally:
+        socket.setdefaulttimeout(previous)
+    return None
+
+
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf") or Path(spec).exists()
 
@@ -383,6 +415,8 @@ def load_model(
             gguf_file, path = path.name, path.parent
     else:
         path, gguf_file = spec, None
+        if reason := hub_unavailable_reason(spec):
+            raise ModelLoadError(f"Cannot load {spec!r}: {reason}. Give a local folder, a .gguf file or 'embedded'.")
 
     try:
         config = AutoConfig.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)

@@ -68,6 +68,7 @@ class Run:
     dir: Path
     key: str
     timings: dict[str, float] = field(default_factory=dict)
+    model_info: dict = field(default_factory=dict)  # for the manifest; kept when the model is freed
 
     def path(self, *parts: str) -> Path:
         return self.dir.joinpath(*parts)
@@ -106,7 +107,15 @@ def open_run(config: RunConfig, adapter: ModelAdapter | None = None, run_dir: Pa
                 "choose another folder or pass --force-overwrite."
             )
     folder.mkdir(parents=True, exist_ok=True)
-    run = Run(config, adapter, folder, key)
+    run = Run(config, adapter, folder, key, model_info={
+        "name": adapter.name,
+        "alias": adapter.alias,
+        "fingerprint": adapter.fingerprint,
+        "n_layers": adapter.n_layers,
+        "d_model": adapter.d_model,
+        "dtype": str(adapter.dtype).replace("torch.", ""),
+        "device": str(adapter.input_device),
+    })
     _attach_log_file(folder / "run.log")
     write_manifest(run)
     return run
@@ -135,15 +144,7 @@ def write_manifest(run: Run) -> None:
         {
             "key": run.key,
             "config": run.config.to_dict(),
-            "model": {
-                "name": run.adapter.name,
-                "alias": run.adapter.alias,
-                "fingerprint": run.adapter.fingerprint,
-                "n_layers": run.adapter.n_layers,
-                "d_model": run.adapter.d_model,
-                "dtype": str(run.adapter.dtype).replace("torch.", ""),
-                "device": str(run.adapter.input_device),
-            },
+            "model": run.model_info,
             "stage_keys": {s: run.stage_key(s) for s in ("extract", "select", "infer", "evaluate")},
             "package_version": __version__,
             "versions": {"torch": torch.__version__, "python": platform.python_version()},

@@ -330,9 +330,13 @@ class GenerativeJudge:
         batch_size: int = 8,
     ) -> "GenerativeJudge":
         """Load the judge; raises ``JudgeUnavailable`` with the reason when that fails."""
-        from ..models import resolve_device, resolve_dtype
+        from pathlib import Path
+
+        from ..models import hub_unavailable_reason, resolve_device, resolve_dtype
 
         model_id = model_id or cls.default_model
+        if not Path(model_id).expanduser().exists() and (reason := hub_unavailable_reason(model_id)):
+            raise JudgeUnavailable(f"could not load {cls.name} judge {model_id!r}: {reason}")
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
