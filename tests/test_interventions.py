@@ -226,3 +226,33 @@ def test_slots_are_respected_by_a_compiled_forward():
     torch.testing.assert_close(edited, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(again, plain)
     assert (edited - plain).abs().max() > 1e-3
+
+
+def test_affine_eraser_with_per_layer_centres():
+    """LEACE applied at several layers is centred on each layer's own mean."""
+    from refusal_directions.directions.base import DirectionSet
+    from refusal_directions.interventions import InterventionSlots, removal_for
+
+    adapter = make_adapter("qwen2", n_layers=3)
+    u = unit(64, 1)
+    w = u + 0.5 * unit(64, 2)
+    w = w / w.norm()
+    left, right = (u / (u @ w))[:, None], w[:, None]
+    centres = torch.randn(3, 64)
+    ds = DirectionSet("leace", [-1], direction=u.expand(1, 3, 64), scale=torch.ones(1, 3),
+                      left=left.expand(1, 3, 64, 1).clone(), right=right.expand(1, 3, 64, 1).clone(),
+                      bias=centres[None], rank=torch.ones(1, 3, dtype=torch.int64))
+    removal = removal_for(ds, 0, 1, range(3))
+    assert removal.block_input_layers() == [0, 1, 2]
+    inputs, logits = layer_inputs(adapter, removal)
+    for l in range(3):
+        assert ((inputs[l] - centres[l]) @ w).abs().max() < 1e-4
+    with pytest.raises(BakingError, match="per-layer centres"):
+        check_bakeable(adapter, removal)
+    slots = InterventionSlots(adapter, max_rank=1)
+    enc = adapter.encode_instructions(PROMPTS)
+    with apply_hooks(slots.hooks()):
+        slots.load(removal)
+        torch.testing.assert_close(adapter.model(**enc).logits, logits, atol=1e-4, rtol=1e-4)
+    linear = removal_for(ds, 0, 1, range(3), affine=False)
+    assert linear.centres is None and linear.block_input_layers() == [0]

@@ -65,7 +65,13 @@ def _add_fn(vector: Tensor) -> HookFn:
 
 @dataclass
 class Removal:
-    """Erase (alpha = 1) or reflect (alpha != 1) a concept at the layers in scope."""
+    """Erase (alpha = 1) or reflect (alpha != 1) a concept at the layers in scope.
+
+    ``centres``: optional [n_layers, D] affine centres, one per layer (LEACE: the mean activation
+    at each layer). An affine eraser fitted at one layer is centred on that layer's mean; applied
+    at other layers it must use theirs (the stream's mean moves a lot across layers). With
+    centres, every block input in scope is edited, each around its own centre.
+    """
 
     eraser: Eraser
     layers: Sequence[int]
@@ -73,9 +79,18 @@ class Removal:
     mode: ReflectionMode = "reference"
     affine: bool = True
     name: str = "removal"
+    centres: Tensor | None = None
+
+    def centre(self, layer: int) -> Tensor | None:
+        """The affine centre of ``layer``'s block input (None: linear)."""
+        if not self.affine:
+            return None
+        return self.centres[layer] if self.centres is not None else self.eraser.bias
 
     def block_input_layers(self) -> list[int]:
         layers = sorted(set(self.layers))
+        if self.affine and self.centres is not None:
+            return layers
         if self.alpha == 1.0:
             return [l for l in layers if l - 1 not in layers]
         if self.mode == "consistent":
@@ -91,7 +106,9 @@ class Removal:
             eraser = by_device.setdefault(device, self.eraser.to(device))
             points = adapter.hook_points[layer]
             if layer in block_inputs:
-                hooks.append(Hook(points.block, "input", _edit_fn(eraser, self.alpha, self.affine)))
+                centre = self.centre(layer)
+                centred = Eraser(eraser.left, eraser.right, None if centre is None else centre.to(device))
+                hooks.append(Hook(points.block, "input", _edit_fn(centred, self.alpha, affine=True)))
             linear = _edit_fn(eraser, self.alpha, affine=False)
             hooks.extend(Hook(write, "output", linear) for write in points.writes)
         return hooks
@@ -179,8 +196,8 @@ class InterventionSlots:
                 slot = self.slots[layer]
                 slot.left[:, :rank] = eraser.left
                 slot.right[:, :rank] = eraser.right
-                if intervention.affine and eraser.bias is not None:
-                    slot.bias.copy_(eraser.bias)
+                if (centre := intervention.centre(layer)) is not None:
+                    slot.bias.copy_(centre)
                 slot.alpha_writes.fill_(intervention.alpha)
                 if layer in block_inputs:
                     slot.alpha_input.fill_(intervention.alpha)
@@ -208,6 +225,8 @@ def check_bakeable(adapter: ModelAdapter, removal: Removal) -> None:
         raise BakingError("Only removals at all layers can be baked; narrower scopes use hooks.")
     if removal.alpha != 1.0 and removal.mode == "reference":
         raise BakingError("Reference-mode reflection edits every block input; it cannot be baked. Use hooks.")
+    if removal.affine and removal.centres is not None:
+        raise BakingError("An affine eraser with per-layer centres edits every block input; it cannot be baked. Use hooks.")
     embedding = adapter.model.get_input_embeddings()
     if type(embedding) is not nn.Embedding:
         raise BakingError(f"The embedding {type(embedding).__name__} transforms its output; use hooks.")
@@ -290,8 +309,13 @@ def applied(adapter: ModelAdapter, intervention: Intervention | None, bake_weigh
 # ---------------------------------------------------------------------- constructors and plans
 def removal_for(directions: DirectionSet, pos_index: int, layer: int, layers: Sequence[int], k: int | None = None,
                 alpha: float = 1.0, mode: ReflectionMode = "reference", affine: bool = True) -> Removal:
-    """The method's removal (or reflection) of component (pos_index, layer), applied at ``layers``."""
-    return Removal(directions.eraser(pos_index, layer, k, affine=affine), list(layers), alpha, mode, affine)
+    """The method's removal (or reflection) of component (pos_index, layer), applied at ``layers``.
+
+    Affine methods (LEACE) are centred at each layer on that layer's mean at the same position.
+    """
+    centres = directions.bias[pos_index].float() if (affine and directions.bias is not None) else None
+    return Removal(directions.eraser(pos_index, layer, k, affine=affine), list(layers), alpha, mode, affine,
+                   centres=centres)
 
 
 def actadd_for(directions: DirectionSet, pos_index: int, layer: int, coefficient: float) -> ActAdd:
