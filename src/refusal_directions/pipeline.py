@@ -156,11 +156,18 @@ def write_manifest(run: Run) -> None:
 
 @contextmanager
 def timed(run: Run, stage: str) -> Iterator[None]:
-    start = time.perf_counter()
+    """Log the stage's duration; record it in the manifest only if the stage wrote an artifact
+    (a rerun that reuses everything keeps the time it took to compute them)."""
+    start, wall = time.perf_counter(), time.time()
     log.info("%s: started", stage)
     yield
-    run.timings[stage] = round(time.perf_counter() - start, 2)
-    log.info("%s: done in %.1f s", stage, run.timings[stage])
+    seconds = round(time.perf_counter() - start, 2)
+    folder = run.path(stage)
+    if folder.exists() and any(p.stat().st_mtime >= wall for p in folder.rglob("*") if p.is_file()):
+        run.timings[stage] = seconds
+        log.info("%s: done in %.1f s", stage, seconds)
+    else:
+        log.info("%s: every artifact reused (%.1f s)", stage, seconds)
     write_manifest(run)
 
 
