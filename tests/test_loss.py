@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from refusal_directions.evaluation.loss import (
+    _batches,
     check_head,
     instruction_loss,
     iter_final_hidden,
@@ -129,7 +130,7 @@ def test_shared_prefix_matches_full_sequences(arch):
     assert shared.n_tokens.tolist() == plain.n_tokens.tolist()
     assert shared.logprob_sums == pytest.approx(plain.logprob_sums, abs=1e-4)
     # the prefix really was shared: one unit with a long cached prefix
-    batches = list(iter_final_hidden(model_adapter, seqs, [[len(s) - 1] for s in seqs], groups=["g"] * 3, batch_size=3))
+    batches = list(iter_final_hidden(model_adapter, seqs, [[len(s) - 1] for s in seqs], groups=["g"] * 3, batch_size=3, max_padding=float("inf")))
     assert len(batches) == 1 and sorted(batches[0][0]) == [0, 1, 2]
 
 
@@ -138,7 +139,7 @@ def test_groups_with_different_prefixes_share_batches(arch):
     """Prefixes of different lengths run left-padded in one forward; suffix rows of different
     groups then share batches, each reading its own group's prefix (positions stay right)."""
     model_adapter = make_adapter(arch, n_layers=2)
-    prefixes = [token_ids(model_adapter, p) for p in ("A short shared prefix here. ", "A much longer shared prefix, with many more tokens in it. ")]
+    prefixes = [token_ids(model_adapter, p) for p in ("A shared prefix of some length. ", "A shared prefix, a few tokens longer. ")]
     suffixes = ["one", "second suffix", "3rd and longest suffix here", "x y"]
     seqs, groups, starts = [], [], []
     for g, prefix in enumerate(prefixes):
@@ -146,8 +147,20 @@ def test_groups_with_different_prefixes_share_batches(arch):
             seqs.append(prefix + token_ids(model_adapter, s))
             groups.append(g)
             starts.append(len(prefix))
+    assert len(prefixes[0]) != len(prefixes[1])
     plain = sequence_logprobs(model_adapter, seqs, starts, share_prefix=False, batch_size=1)
     shared = sequence_logprobs(model_adapter, seqs, starts, groups=groups, batch_size=4)
     assert shared.logprob_sums == pytest.approx(plain.logprob_sums, abs=1e-4)
-    batches = list(iter_final_hidden(model_adapter, seqs, [[len(s) - 1] for s in seqs], groups=groups, batch_size=8))
+    batches = list(iter_final_hidden(model_adapter, seqs, [[len(s) - 1] for s in seqs], groups=groups, batch_size=8, max_padding=float("inf")))
     assert len(batches) == 1 and sorted(batches[0][0]) == list(range(len(seqs)))
+
+
+def test_batches_are_longest_first_with_bounded_padding():
+    """At most batch_size items per batch, longest first; an item that would make padding exceed
+    25% of the batch's real tokens starts a new batch."""
+    lengths = [300, 100, 110, 2000, 105, 120, 400]
+    batches = _batches(lengths, batch_size=3)
+    assert [[lengths[i] for i in b] for b in batches] == [[2000], [400, 300], [120, 110, 105], [100]]
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert [len(b) for b in _batches([50] * 7, batch_size=3)] == [3, 3, 1]
+    assert [len(b) for b in _batches(lengths, batch_size=8, max_padding=float("inf"))] == [7]

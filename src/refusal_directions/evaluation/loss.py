@@ -153,6 +153,27 @@ def _plan(
     return units
 
 
+def _batches(lengths: Sequence[int], batch_size: int, max_padding: float = 0.25) -> list[list[int]]:
+    """Indices into ``lengths`` grouped into batches for one padded forward each.
+
+    Longest first; a batch holds at most ``batch_size`` items, and an item that would make the
+    batch's padding exceed ``max_padding`` times its real tokens starts a new batch (MMLU's 5-shot
+    prefixes range from ~200 to ~2,500 tokens, its questions from ~30 to ~1,000).
+    """
+    batches: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        batch = batches[-1] if batches else []
+        padded = (len(batch) + 1) * lengths[batch[0]] if batch else 0
+        if batch and len(batch) < batch_size and padded <= (1 + max_padding) * (real + lengths[i]):
+            batch.append(i)
+            real += lengths[i]
+        else:
+            batches.append([i])
+            real = lengths[i]
+    return batches
+
+
 def iter_final_hidden(
     adapter: ModelAdapter,
     sequences: Sequence[Sequence[int]],
@@ -162,6 +183,7 @@ def iter_final_hidden(
     batch_size: int = 8,
     share_prefix: bool = True,
     min_prefix: int = 16,
+    max_padding: float = 0.25,
     desc: str = "scoring",
 ) -> Iterator[tuple[list[int], list[Tensor]]]:
     """Final hidden states (decoder output) of each sequence at the requested positions.
@@ -172,8 +194,9 @@ def iter_final_hidden(
             (the position *predicting* token ``p + 1``).
         groups: optional group key per sequence; members of a group that share a token prefix
             of at least ``min_prefix`` tokens have it computed once (KV cache), see module doc.
-        batch_size: sequences per forward. Within a unit, sequences are sorted by length
-            (longest first) so that padding is small.
+        batch_size: sequences per forward (at most). Sequences are sorted by length (longest
+            first), and a batch closes early rather than let padding exceed ``max_padding`` of its
+            real tokens (wasted compute on a GPU).
 
     Yields ``(indices, hidden)`` per batch: ``hidden[j]`` is ``[len(positions[indices[j]]), d_model]``
     on the model's output device, in the order of the requested positions.
@@ -185,35 +208,34 @@ def iter_final_hidden(
     for i, (seq, pos) in enumerate(zip(sequences, positions)):
         if any(p < 0 or p >= len(seq) for p in pos):
             raise ValueError(f"sequence {i}: positions {list(pos)} outside 0..{len(seq) - 1}")
-    decoder = _decoder(adapter)
-    cache_kw = _cache_kwarg(decoder)
     device = adapter.input_device
+    cache_kw = _cache_kwarg(_decoder(adapter))
+    decoder = _without_cudnn_attention(_decoder(adapter), device)
     pad = _pad_id(adapter)
     units = _plan(sequences, positions, groups, share_prefix, min_prefix)
     shared = [u for u in units if u.prefix_len]
+    waves = [[shared[j] for j in b] for b in _batches([u.prefix_len for u in shared], batch_size, max_padding)]
     loose = [i for u in units if not u.prefix_len for i in u.members]
     with tqdm(total=len(sequences), desc=desc, unit="seq", leave=False) as bar:
-        # Prefixed units in waves of ``batch_size``: one batched (left-padded) forward computes the
-        # wave's prefixes; each suffix row then reads its own unit's prefix from the KV cache, so
-        # rows of different groups share a batch.
-        for w in range(0, len(shared), batch_size):
-            wave = shared[w : w + batch_size]
+        # Prefixed units in waves of similar prefix length: one batched (left-padded) forward
+        # computes the wave's prefixes; each suffix row then reads its own unit's prefix from the
+        # KV cache, so rows of different groups share a batch.
+        for wave in waves:
             prefix_ids, prefix_mask = _pad_batch([sequences[u.members[0]][: u.prefix_len] for u in wave], pad, left=True)
-            prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
+            prefix_ids, prefix_mask = _to_device(prefix_ids, device), _to_device(prefix_mask, device)
             prefix_positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
             prefix_cache = _output_cache(
                 decoder(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=prefix_positions, use_cache=True)
             )
-            rows = sorted(((k, i) for k, u in enumerate(wave) for i in u.members), key=lambda r: -len(sequences[r[1]]))
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
+            rows = [(k, i) for k, u in enumerate(wave) for i in u.members]
+            suffix_lengths = [len(sequences[i]) - wave[k].prefix_len for k, i in rows]
+            for rows_of_batch in _batches(suffix_lengths, batch_size, max_padding):
+                chunk = [rows[r] for r in rows_of_batch]
                 batch = [i for _, i in chunk]
-                unit_of_row = torch.tensor([k for k, _ in chunk], device=device)
-                prefix_len = torch.tensor([wave[k].prefix_len for k, _ in chunk], device=device)
+                unit_of_row, prefix_len = _to_device(torch.tensor([[k, wave[k].prefix_len] for k, _ in chunk]).T, device)
                 ids, mask = _pad_batch([sequences[i][wave[k].prefix_len :] for k, i in chunk], pad, left=False)
-                ids, mask = ids.to(device), mask.to(device)
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_select_indices(unit_of_row)
+                ids, mask = _to_device(ids, device), _to_device(mask, device)
+                cache = _cache_rows(prefix_cache, unit_of_row)
                 out = decoder(
                     input_ids=ids,
                     attention_mask=torch.cat([prefix_mask[unit_of_row], mask], dim=1),
@@ -225,13 +247,23 @@ def iter_final_hidden(
                 yield batch, _select_rows(out.last_hidden_state, [[p - wave[k].prefix_len for p in positions[i]] for k, i in chunk])
                 bar.update(len(batch))
             del prefix_cache
-        order = sorted(loose, key=lambda i: -len(sequences[i]))
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
+        for rows_of_batch in _batches([len(sequences[i]) for i in loose], batch_size, max_padding):
+            batch = [loose[r] for r in rows_of_batch]
             ids, mask = _pad_batch([sequences[i] for i in batch], pad, left=False)
-            out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            out = decoder(input_ids=_to_device(ids, device), attention_mask=_to_device(mask, device), use_cache=False)
             yield batch, _select_rows(out.last_hidden_state, [positions[i] for i in batch])
             bar.update(len(batch))
+
+
+def _cache_rows(cache, rows: Tensor):
+    """A new KV cache holding batch rows ``rows`` of ``cache`` (which is left untouched)."""
+    if not hasattr(cache, "layers"):
+        selected = copy.deepcopy(cache)
+    else:  # shallow copies suffice: ``batch_select_indices`` replaces each layer's tensors
+        selected = copy.copy(cache)
+        selected.layers = [copy.copy(layer) for layer in cache.layers]
+    selected.batch_select_indices(rows)
+    return selected
 
 
 def _pad_batch(rows: Sequence[Sequence[int]], pad: int, left: bool) -> tuple[Tensor, Tensor]:
@@ -246,17 +278,47 @@ def _pad_batch(rows: Sequence[Sequence[int]], pad: int, left: bool) -> tuple[Ten
     return ids, mask
 
 
+def _without_cudnn_attention(decoder: nn.Module, device: torch.device):
+    """``decoder``'s forward with PyTorch's cuDNN attention backend disabled on CUDA.
+
+    cuDNN attention builds an execution plan for every new input shape (measured ~40 ms, at times
+    ~1 s, on an H200), and padded scoring batches come in hundreds of shapes; the flash and
+    memory-efficient backends have no such cost.
+    """
+    if device.type != "cuda":
+        return decoder
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def forward(**kwargs):
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return decoder(**kwargs)
+
+    return forward
+
+
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A host tensor copied to ``device`` without making the host wait for the GPU.
+
+    A plain ``.to("cuda")`` synchronises with the stream: the host would idle until the previous
+    batch finished instead of queueing the next one. A pinned copy with ``non_blocking`` does not.
+    """
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _select_rows(hidden: Tensor, positions: Sequence[Sequence[int]]) -> list[Tensor]:
     """``hidden[b, positions[b]]`` for every row b: a list of [len(positions[b]), d_model]."""
-    return [hidden[b, torch.as_tensor(list(p), dtype=torch.long, device=hidden.device)] for b, p in enumerate(positions)]
+    index = torch.tensor([[b, p] for b, row in enumerate(positions) for p in row], dtype=torch.long).reshape(-1, 2)
+    rows, cols = _to_device(index.T.contiguous(), hidden.device)
+    return list(hidden[rows, cols].split([len(row) for row in positions]))
 
 
 def _safe_log_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
     """``(log_softmax over the vocabulary, bool mask of rows that had non-finite logits)``."""
     nonfinite = ~torch.isfinite(logits).all(dim=-1)
-    if nonfinite.any():
-        logits = torch.nan_to_num(logits, nan=0.0, posinf=LOGIT_LIMIT, neginf=-LOGIT_LIMIT)
-    logits = logits.clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
+    # unconditionally: testing ``nonfinite.any()`` first would make the host wait for the GPU
+    logits = torch.nan_to_num(logits, nan=0.0, posinf=LOGIT_LIMIT, neginf=-LOGIT_LIMIT).clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
     return torch.log_softmax(logits, dim=-1), nonfinite
 
 
@@ -300,6 +362,7 @@ def sequence_logprobs(
     if not scored:
         return SequenceScores(sums, counts, bad)
     sub_groups = None if groups is None else [groups[i] for i in scored]
+    pending: list[tuple[np.ndarray, Tensor, Tensor]] = []  # (owner, log p, non-finite) per row; copied to host at the end
     for batch, rows in iter_final_hidden(
         adapter,
         [sequences[i] for i in scored],
@@ -316,11 +379,12 @@ def sequence_logprobs(
         hidden = torch.cat(rows, dim=0)
         for start in range(0, hidden.shape[0], max_rows):
             logprobs, nonfinite = _safe_log_softmax(project_to_logits(adapter, hidden[start : start + max_rows]))
-            tgt = targets[start : start + max_rows].to(logprobs.device)
-            picked = logprobs.gather(-1, tgt[:, None])[:, 0].double().cpu().numpy()
+            tgt = _to_device(targets[start : start + max_rows], logprobs.device)
             who = np.array([scored[j] for j in owners[start : start + max_rows].tolist()], dtype=np.int64)
-            np.add.at(sums, who, picked)
-            np.add.at(bad, who, nonfinite.cpu().numpy().astype(np.int64))
+            pending.append((who, logprobs.gather(-1, tgt[:, None])[:, 0].double(), nonfinite))
+    for who, picked, nonfinite in pending:
+        np.add.at(sums, who, picked.cpu().numpy())
+        np.add.at(bad, who, nonfinite.cpu().numpy().astype(np.int64))
     return SequenceScores(sums, counts, bad)
 
 
@@ -345,6 +409,7 @@ def next_token_logprobs(
     out = np.zeros((n, len(candidate_ids)), dtype=np.float64)
     bad = np.zeros(n, dtype=bool)
     candidates = torch.as_tensor(list(candidate_ids), dtype=torch.long)
+    pending: list[tuple[list[int], Tensor, Tensor]] = []  # copied to host at the end (no per-batch sync)
     for batch, rows in iter_final_hidden(
         adapter,
         sequences,
@@ -355,7 +420,10 @@ def next_token_logprobs(
         desc=desc,
     ):
         logprobs, nonfinite = _safe_log_softmax(project_to_logits(adapter, torch.cat(rows, dim=0)))
-        out[batch] = logprobs[:, candidates.to(logprobs.device)].double().cpu().numpy()
+        candidates = candidates.to(logprobs.device)  # once: later calls are no-ops
+        pending.append((batch, logprobs[:, candidates].double(), nonfinite))
+    for batch, picked, nonfinite in pending:
+        out[batch] = picked.cpu().numpy()
         bad[batch] = nonfinite.cpu().numpy()
     return out, bad
 
