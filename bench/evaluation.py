@@ -77,7 +77,7 @@ def main() -> None:
 
     evaluate_mmlu(adapter, by_subject[subjects[0]][:1], dev, batch_size=1)  # warm-up (and head check)
     methods = ["simple", "batched"] + ([] if args.no_plain_batched else ["batched_no_prefix_sharing"])
-    seconds = {m: 0.0 for m in methods}
+    seconds_per_group: dict[str, list[float]] = {m: [] for m in methods}
     logprobs: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     answers: list[int] = []
     n_tokens = 0
@@ -100,9 +100,10 @@ def main() -> None:
                 scores = np.array([q["logprobs"] for q in result["questions"]])
             if adapter.input_device.type == "cuda":
                 torch.cuda.synchronize()
-            seconds[method] += time.perf_counter() - start
+            seconds_per_group[method].append(time.perf_counter() - start)
             logprobs[method].append(scores)
 
+    seconds = {m: sum(t) for m, t in seconds_per_group.items()}
     answers_arr = np.array(answers)
     report: dict = {
         "model": args.model,
@@ -121,6 +122,7 @@ def main() -> None:
         preds = scores.argmax(axis=1)
         report[method] = {
             "seconds": round(seconds[method], 1),
+            **({"seconds_per_pass": [round(t, 2) for t in seconds_per_group[method]]} if args.whole_set else {}),
             "accuracy": float((preds == answers_arr).mean()),
             "speedup_vs_simple": round(seconds["simple"] / seconds[method], 2),
             "predictions_differing_from_simple": int((preds != simple.argmax(axis=1)).sum()),
