@@ -107,15 +107,9 @@ def open_run(config: RunConfig, adapter: ModelAdapter | None = None, run_dir: Pa
                 "choose another folder or pass --force-overwrite."
             )
     folder.mkdir(parents=True, exist_ok=True)
-    run = Run(config, adapter, folder, key, model_info={
-        "name": adapter.name,
-        "alias": adapter.alias,
-        "fingerprint": adapter.fingerprint,
-        "n_layers": adapter.n_layers,
-        "d_model": adapter.d_model,
-        "dtype": str(adapter.dtype).replace("torch.", ""),
-        "device": str(adapter.input_device),
-    })
+    described = adapter.describe()
+    model_info = {k: described[k] for k in ("name", "alias", "fingerprint", "n_layers", "d_model", "dtype", "device")}
+    run = Run(config, adapter, folder, key, model_info=model_info)
     _attach_log_file(folder / "run.log")
     write_manifest(run)
     return run

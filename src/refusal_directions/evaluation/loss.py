@@ -209,8 +209,9 @@ def iter_final_hidden(
         if any(p < 0 or p >= len(seq) for p in pos):
             raise ValueError(f"sequence {i}: positions {list(pos)} outside 0..{len(seq) - 1}")
     device = adapter.input_device
-    cache_kw = _cache_kwarg(_decoder(adapter))
-    decoder = _without_cudnn_attention(_decoder(adapter), device)
+    module = _decoder(adapter)
+    cache_kw = _cache_kwarg(module)
+    decoder = _without_cudnn_attention(module, device)
     pad = _pad_id(adapter)
     units = _plan(sequences, positions, groups, share_prefix, min_prefix)
     shared = [u for u in units if u.prefix_len]
