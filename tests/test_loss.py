@@ -2,11 +2,16 @@ from __future__ import annotations
 
 import math
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+from refusal_directions.evaluation import attention
 from refusal_directions.evaluation.loss import (
     _batches,
+    _plan,
     check_head,
     instruction_loss,
     iter_final_hidden,
@@ -15,7 +20,7 @@ from refusal_directions.evaluation.loss import (
     text_loss,
 )
 from refusal_directions.models import ModelAdapter
-from tiny import make_adapter, make_model, make_tokenizer
+from tiny import ARCHITECTURES, make_adapter, make_model, make_tokenizer
 
 DOCS = [
     {"text": "The cat sat on the mat."},
@@ -164,3 +169,35 @@ def test_batches_are_longest_first_with_bounded_padding():
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert [len(b) for b in _batches([50] * 7, batch_size=3)] == [3, 3, 1]
     assert [len(b) for b in _batches(lengths, batch_size=8, max_padding=float("inf"))] == [7]
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_padded_and_prefix_shared_scoring_match_each_sequence_alone(arch, batch_size, monkeypatch):
+    """Loose right-padded batches (no mask) and suffix batches over cached prefixes of different
+    lengths (masked: grouped-query SDPA where the model has no soft-capping) give every sequence
+    the hidden states it has alone, sliding windows (Gemma, 8 tokens here) included."""
+    grouped_calls = []
+
+    def counting_sdpa(query, *args, **kwargs):
+        grouped_calls.append(query.shape)
+        return F.scaled_dot_product_attention(query, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "F", SimpleNamespace(scaled_dot_product_attention=counting_sdpa))
+    adapter = make_adapter(arch, n_layers=2)
+    prefixes = [list(range(20, 50)), list(range(50, 70))]  # 28 and 19 tokens shared (scored positions start earlier)
+    seqs = [prefixes[0] + [5, 6, 7], prefixes[0] + [8], prefixes[1] + [9, 10, 11, 12], prefixes[1] + [13, 14]]
+    seqs += [[5, 6, 7, 8, 9, 10], [11, 12]]  # no shared prefix: loose
+    groups = ["a", "a", "b", "b", "c", "d"]
+    positions = [list(range(len(s))) if g in "cd" else list(range(len(s) - 3, len(s))) for s, g in zip(seqs, groups)]
+    assert sorted(u.prefix_len for u in _plan(seqs, positions, groups, True, 16)) == [0, 19, 28]
+    got = {}
+    for batch, rows in iter_final_hidden(adapter, seqs, positions, groups=groups, batch_size=batch_size, max_padding=float("inf")):
+        got.update(zip(batch, rows))
+    decoder = adapter.model.get_decoder()
+    with torch.no_grad():
+        for i, seq in enumerate(seqs):
+            expected = decoder(input_ids=torch.tensor([seq])).last_hidden_state[0, positions[i]]
+            torch.testing.assert_close(got[i], expected, atol=1e-4, rtol=1e-4)
+    if arch != "gemma2":  # Gemma-2 soft-caps attention logits: transformers' own function runs
+        assert grouped_calls and all(shape[1] == 2 for shape in grouped_calls)  # 4 query heads stacked on 2 kv heads

@@ -126,3 +126,23 @@ def test_chat_template_flag(tmp_path):
     template.write_text(LLAMA3_TEMPLATE)
     adapter = load_model(str(folder), device="cpu", chat_template=template)
     assert adapter.format_prompt("x").startswith("<|begin_of_text|>")
+
+
+@pytest.mark.parametrize(
+    "arch, settings, expected",
+    [
+        ("llama", {}, False),
+        ("qwen2", {"sliding_window": 32768, "use_sliding_window": False}, False),  # as Qwen2.5 checkpoints ship
+        ("qwen2", {"sliding_window": 32768, "use_sliding_window": True, "max_window_layers": 0}, True),
+        ("mistral", {"sliding_window": 4096}, True),
+        ("gemma2", {}, True),
+        ("gemma3_text", {}, True),
+    ],
+)
+def test_has_sliding_window(arch, settings, expected):
+    adapter = make_adapter(arch, n_layers=2)
+    for key, value in settings.items():
+        setattr(adapter.model.config, key, value)
+    if arch == "qwen2" and settings.get("use_sliding_window"):
+        adapter.model.config.layer_types = ["sliding_attention"] * 2  # what Qwen2Config derives for these settings
+    assert adapter.has_sliding_window is expected

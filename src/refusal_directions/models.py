@@ -256,6 +256,17 @@ class ModelAdapter:
         return next(self.layers[layer].parameters()).device
 
     @property
+    def has_sliding_window(self) -> bool:
+        """Whether any attention layer sees only a window of recent tokens (then attention depends
+        on how far apart cache slots are, not only on positions). Qwen2.5 sets a window but
+        disables it; Gemma 2/3 alternate windowed and full layers; Mistral v0.1 windows them all."""
+        config = self.model.config
+        layer_types = getattr(config, "layer_types", None) or []
+        if any(kind != "full_attention" for kind in layer_types):
+            return True
+        return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
 

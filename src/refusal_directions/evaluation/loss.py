@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..models import ModelAdapter
+from .attention import scoring_forward
 
 log = logging.getLogger(__name__)
 
@@ -211,30 +212,31 @@ def iter_final_hidden(
     device = adapter.input_device
     module = _decoder(adapter)
     cache_kw = _cache_kwarg(module)
-    decoder = _without_cudnn_attention(module, device)
+    decoder = scoring_forward(module, device)
     pad = _pad_id(adapter)
     units = _plan(sequences, positions, groups, share_prefix, min_prefix)
     shared = [u for u in units if u.prefix_len]
     waves = [[shared[j] for j in b] for b in _batches([u.prefix_len for u in shared], batch_size, max_padding)]
     loose = [i for u in units if not u.prefix_len for i in u.members]
+    # With sliding-window attention, prefixes are left-padded so that each ends where its suffix
+    # starts (cache slots as far apart as positions).
+    left = adapter.has_sliding_window
     with tqdm(total=len(sequences), desc=desc, unit="seq", leave=False) as bar:
-        # Prefixed units in waves of similar prefix length: one batched (left-padded) forward
-        # computes the wave's prefixes; each suffix row then reads its own unit's prefix from the
-        # KV cache, so rows of different groups share a batch.
+        # Prefixed units in waves of similar prefix length: one batched forward computes the
+        # wave's prefixes; each suffix row then reads its own unit's prefix from the KV cache, so
+        # rows of different groups share a batch. Batches are right-padded, and those without a
+        # cache run without an attention mask: under causal attention no real token sees the
+        # padding after it, and without a mask SDPA can use its fastest (flash) kernels. Suffix
+        # rows need a mask to skip each shorter prefix's padding in the cache.
         for wave in waves:
-            prefix_ids, prefix_mask = _pad_batch([sequences[u.members[0]][: u.prefix_len] for u in wave], pad, left=True)
-            prefix_ids, prefix_mask = _to_device(prefix_ids, device), _to_device(prefix_mask, device)
-            prefix_positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
-            prefix_cache = _output_cache(
-                decoder(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=prefix_positions, use_cache=True)
-            )
+            prefix_cache, prefix_mask = _prefix_cache(decoder, [sequences[u.members[0]][: u.prefix_len] for u in wave], pad, left, device)
             rows = [(k, i) for k, u in enumerate(wave) for i in u.members]
             suffix_lengths = [len(sequences[i]) - wave[k].prefix_len for k, i in rows]
             for rows_of_batch in _batches(suffix_lengths, batch_size, max_padding):
                 chunk = [rows[r] for r in rows_of_batch]
                 batch = [i for _, i in chunk]
                 unit_of_row, prefix_len = _to_device(torch.tensor([[k, wave[k].prefix_len] for k, _ in chunk]).T, device)
-                ids, mask = _pad_batch([sequences[i][wave[k].prefix_len :] for k, i in chunk], pad, left=False)
+                ids, mask = _pad_batch([sequences[i][wave[k].prefix_len :] for k, i in chunk], pad)
                 ids, mask = _to_device(ids, device), _to_device(mask, device)
                 cache = _cache_rows(prefix_cache, unit_of_row)
                 out = decoder(
@@ -245,15 +247,31 @@ def iter_final_hidden(
                     **{cache_kw: cache},
                 )
                 del cache
-                yield batch, _select_rows(out.last_hidden_state, [[p - wave[k].prefix_len for p in positions[i]] for k, i in chunk])
+                offsets = [[p - wave[k].prefix_len for p in positions[i]] for k, i in chunk]
+                yield batch, _select_rows(out.last_hidden_state, offsets)
                 bar.update(len(batch))
             del prefix_cache
         for rows_of_batch in _batches([len(sequences[i]) for i in loose], batch_size, max_padding):
             batch = [loose[r] for r in rows_of_batch]
-            ids, mask = _pad_batch([sequences[i] for i in batch], pad, left=False)
-            out = decoder(input_ids=_to_device(ids, device), attention_mask=_to_device(mask, device), use_cache=False)
+            ids, _ = _pad_batch([sequences[i] for i in batch], pad)
+            out = decoder(input_ids=_to_device(ids, device), use_cache=False)
             yield batch, _select_rows(out.last_hidden_state, [positions[i] for i in batch])
             bar.update(len(batch))
+
+
+def _prefix_cache(decoder, prefixes: Sequence[Sequence[int]], pad: int, left: bool, device: torch.device):
+    """KV cache of one padded forward over ``prefixes``, and its attention mask [n, T].
+
+    Right-padded without a mask, or (``left``) left-padded with a mask and positions.
+    """
+    ids, mask = _pad_batch(prefixes, pad, left=left)
+    ids, mask = _to_device(ids, device), _to_device(mask, device)
+    if left:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        output = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    else:
+        output = decoder(input_ids=ids, use_cache=True)
+    return _output_cache(output), mask
 
 
 def _cache_rows(cache, rows: Tensor):
@@ -267,8 +285,8 @@ def _cache_rows(cache, rows: Tensor):
     return selected
 
 
-def _pad_batch(rows: Sequence[Sequence[int]], pad: int, left: bool) -> tuple[Tensor, Tensor]:
-    """Token rows padded to one length (on the left or the right): ids and attention mask [B, T]."""
+def _pad_batch(rows: Sequence[Sequence[int]], pad: int, left: bool = False) -> tuple[Tensor, Tensor]:
+    """Token rows padded to one length (on the right, or the left): ids and attention mask [B, T]."""
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
@@ -277,24 +295,6 @@ def _pad_batch(rows: Sequence[Sequence[int]], pad: int, left: bool) -> tuple[Ten
         ids[b, span] = torch.as_tensor(list(r), dtype=torch.long)
         mask[b, span] = 1
     return ids, mask
-
-
-def _without_cudnn_attention(decoder: nn.Module, device: torch.device):
-    """``decoder``'s forward with PyTorch's cuDNN attention backend disabled on CUDA.
-
-    cuDNN attention builds an execution plan for every new input shape (measured ~40 ms, at times
-    ~1 s, on an H200), and padded scoring batches come in hundreds of shapes; the flash and
-    memory-efficient backends have no such cost.
-    """
-    if device.type != "cuda":
-        return decoder
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    def forward(**kwargs):
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            return decoder(**kwargs)
-
-    return forward
 
 
 def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
