@@ -25,6 +25,7 @@ mean into NaN, and the count says whether that happened.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import math
@@ -282,7 +283,19 @@ def _cache_rows(cache, rows: Tensor):
         selected = copy.copy(cache)
         selected.layers = [copy.copy(layer) for layer in cache.layers]
     selected.batch_select_indices(rows)
+    for layer in getattr(selected, "layers", []):
+        layer.update = functools.partial(_update_with_contiguous_states, layer.update)
     return selected
+
+
+def _update_with_contiguous_states(update, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+    """A cache layer's ``update`` given contiguous new key/value states.
+
+    The model hands them over transposed (strided); ``torch.cat`` of the cached prefix with a
+    strided tensor then takes PyTorch's generic strided-copy kernel for the whole (large) cache
+    instead of its vectorised one. Copying the few new tokens first avoids that.
+    """
+    return update(key_states.contiguous(), value_states.contiguous(), *args, **kwargs)
 
 
 def _pad_batch(rows: Sequence[Sequence[int]], pad: int, left: bool = False) -> tuple[Tensor, Tensor]:
