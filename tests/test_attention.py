@@ -77,3 +77,16 @@ def test_scoring_forward_swaps_sdpa_only_during_the_forward():
         handle.remove()
     assert seen and seen[0] is not original
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original and "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping
+
+
+def test_repeated_mask_is_built_once_per_mask_and_reused():
+    query, key, value, mask = inputs()
+    memo: dict = {}
+    first, _ = grouped_query_sdpa(Module(), query, key, value, mask, fallback=never, stacked_masks=memo)
+    second, _ = grouped_query_sdpa(Module(), query, key, value, mask, fallback=never, stacked_masks=memo)
+    assert len(memo) == 1 and torch.equal(first, second)
+    other = mask.clone()
+    other[..., 1] = False
+    third, _ = grouped_query_sdpa(Module(), query, key, value, other, fallback=never, stacked_masks=memo)
+    assert len(memo) == 2
+    torch.testing.assert_close(third, reference(query, key, value, other), atol=1e-5, rtol=1e-5)

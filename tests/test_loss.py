@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from refusal_directions.evaluation import attention
 from refusal_directions.evaluation.loss import (
     _batches,
+    _can_pack,
     _plan,
     check_head,
     instruction_loss,
@@ -162,12 +163,13 @@ def test_groups_with_different_prefixes_share_batches(arch):
 
 def test_batches_are_longest_first_with_bounded_padding():
     """At most batch_size items per batch, longest first; an item that would make padding exceed
-    25% of the batch's real tokens starts a new batch."""
+    15% of the batch's real tokens starts a new batch."""
     lengths = [300, 100, 110, 2000, 105, 120, 400]
     batches = _batches(lengths, batch_size=3)
     assert [[lengths[i] for i in b] for b in batches] == [[2000], [400, 300], [120, 110, 105], [100]]
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert [len(b) for b in _batches([50] * 7, batch_size=3)] == [3, 3, 1]
+    assert [len(b) for b in _batches([100, 70], batch_size=3)] == [1, 1]  # 200 padded for 170 real: over 15%
     assert [len(b) for b in _batches(lengths, batch_size=8, max_padding=float("inf"))] == [7]
 
 
@@ -191,13 +193,39 @@ def test_padded_and_prefix_shared_scoring_match_each_sequence_alone(arch, batch_
     groups = ["a", "a", "b", "b", "c", "d"]
     positions = [list(range(len(s))) if g in "cd" else list(range(len(s) - 3, len(s))) for s, g in zip(seqs, groups)]
     assert sorted(u.prefix_len for u in _plan(seqs, positions, groups, True, 16)) == [0, 19, 28]
-    got = {}
-    for batch, rows in iter_final_hidden(adapter, seqs, positions, groups=groups, batch_size=batch_size, max_padding=float("inf")):
-        got.update(zip(batch, rows))
     decoder = adapter.model.get_decoder()
+    shapes = []
+    handle = decoder.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    got = {}
+    try:
+        for batch, rows in iter_final_hidden(adapter, seqs, positions, groups=groups, batch_size=batch_size, max_padding=float("inf")):
+            got.update(zip(batch, rows))
+    finally:
+        handle.remove()
+    packed = _can_pack(adapter)
+    assert packed is (arch not in ("gemma2", "gemma3_text"))
+    if batch_size == 8:  # both prefixes, then the suffixes (5 + 3 tokens per unit): one row per unit when packed
+        assert shapes == [(2, 28), (2, 8) if packed else (4, 5), (2, 6)]
     with torch.no_grad():
         for i, seq in enumerate(seqs):
             expected = decoder(input_ids=torch.tensor([seq])).last_hidden_state[0, positions[i]]
             torch.testing.assert_close(got[i], expected, atol=1e-4, rtol=1e-4)
     if arch != "gemma2":  # Gemma-2 soft-caps attention logits: transformers' own function runs
         assert grouped_calls and all(shape[1] == 2 for shape in grouped_calls)  # 4 query heads stacked on 2 kv heads
+
+
+def test_packed_suffixes_with_eager_attention_match_each_sequence_alone():
+    """The packed rows' additive 4-D mask works with eager attention too."""
+    adapter = make_adapter("llama", n_layers=2)
+    adapter.model.config._attn_implementation = "eager"
+    prefix = list(range(20, 50))
+    seqs = [prefix + [5, 6, 7], prefix + [8, 9], prefix + [10]]
+    positions = [list(range(28, len(s))) for s in seqs]
+    got = {}
+    for batch, rows in iter_final_hidden(adapter, seqs, positions, groups=["a"] * 3, batch_size=4):
+        assert len(batch) == 3  # all three suffixes in one packed row
+        got.update(zip(batch, rows))
+    with torch.no_grad():
+        for i, seq in enumerate(seqs):
+            expected = adapter.model.get_decoder()(input_ids=torch.tensor([seq])).last_hidden_state[0, positions[i]]
+            torch.testing.assert_close(got[i], expected, atol=1e-4, rtol=1e-4)

@@ -42,6 +42,7 @@ def grouped_query_sdpa(
     is_causal: bool | None = None,
     *,
     fallback: Callable,
+    stacked_masks: dict | None = None,
     **kwargs,
 ) -> tuple[Tensor, None]:
     """A transformers attention function (the ``"sdpa"`` signature) for masked grouped-query attention.
@@ -49,7 +50,8 @@ def grouped_query_sdpa(
     ``query [B, H, T, D]``, ``key``/``value [B, H_kv, K, D]``, ``attention_mask [B or 1, 1, T, K]``
     (bool or additive). Returns ``([B, T, H, D_v], None)`` as transformers expects. Calls that are
     not masked grouped-query attention over several query tokens (or that carry soft-capping,
-    position biases, attention sinks or dropout) go to ``fallback`` unchanged.
+    position biases, attention sinks or dropout) go to ``fallback`` unchanged. ``stacked_masks``
+    keeps each mask's repeated form for the next layers of the same forward (they share the mask).
     """
     batch, n_heads, q_len, _ = query.shape
     n_kv = key.shape[1]
@@ -67,8 +69,14 @@ def grouped_query_sdpa(
         return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     n_rep = n_heads // n_kv
     stacked = query.reshape(batch, n_kv, n_rep * q_len, query.shape[-1])
-    mask = attention_mask[:, :, None].expand(-1, -1, n_rep, -1, -1)
-    mask = mask.reshape(attention_mask.shape[0], 1, n_rep * q_len, attention_mask.shape[-1])
+    key_of_mask = (id(attention_mask), n_rep)
+    if stacked_masks is not None and key_of_mask in stacked_masks:
+        mask = stacked_masks[key_of_mask][1]
+    else:
+        mask = attention_mask[:, :, None].expand(-1, -1, n_rep, -1, -1)
+        mask = mask.reshape(attention_mask.shape[0], 1, n_rep * q_len, attention_mask.shape[-1])
+        if stacked_masks is not None:
+            stacked_masks[key_of_mask] = (attention_mask, mask)  # the original kept alive: its id stays unique
     out = F.scaled_dot_product_attention(stacked, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(batch, n_heads, q_len, value.shape[-1]).transpose(1, 2).contiguous(), None
 
@@ -86,8 +94,10 @@ def _grouped_query_attention() -> Iterator[None]:
     previous = local.get("sdpa")
     original = ALL_ATTENTION_FUNCTIONS["sdpa"]
 
+    stacked_masks: dict = {}
+
     def attention(*args, **kwargs):
-        return grouped_query_sdpa(*args, fallback=original, **kwargs)
+        return grouped_query_sdpa(*args, fallback=original, stacked_masks=stacked_masks, **kwargs)
 
     local["sdpa"] = attention
     try:

@@ -44,6 +44,8 @@ from .attention import scoring_forward
 log = logging.getLogger(__name__)
 
 LOGIT_LIMIT = 1e4  # non-finite logits are replaced and everything clamped to [-LOGIT_LIMIT, LOGIT_LIMIT]
+PACK_TOKENS = 1024  # suffixes of one unit packed into a row, up to this many tokens
+MAX_PADDING = 0.15  # a batch's padding may reach this fraction of its real tokens
 DEFAULT_MAX_ROWS = 512  # LM-head rows computed at once: 512 x 151,936 float32 = 311 MB
 
 
@@ -155,7 +157,7 @@ def _plan(
     return units
 
 
-def _batches(lengths: Sequence[int], batch_size: int, max_padding: float = 0.25) -> list[list[int]]:
+def _batches(lengths: Sequence[int], batch_size: int, max_padding: float = MAX_PADDING) -> list[list[int]]:
     """Indices into ``lengths`` grouped into batches for one padded forward each.
 
     Longest first; a batch holds at most ``batch_size`` items, and an item that would make the
@@ -185,7 +187,7 @@ def iter_final_hidden(
     batch_size: int = 8,
     share_prefix: bool = True,
     min_prefix: int = 16,
-    max_padding: float = 0.25,
+    max_padding: float = MAX_PADDING,
     desc: str = "scoring",
 ) -> Iterator[tuple[list[int], list[Tensor]]]:
     """Final hidden states (decoder output) of each sequence at the requested positions.
@@ -220,36 +222,32 @@ def iter_final_hidden(
     waves = [[shared[j] for j in b] for b in _batches([u.prefix_len for u in shared], batch_size, max_padding)]
     loose = [i for u in units if not u.prefix_len for i in u.members]
     # With sliding-window attention, prefixes are left-padded so that each ends where its suffix
-    # starts (cache slots as far apart as positions).
+    # starts (cache slots as far apart as positions), and suffixes are not packed.
     left = adapter.has_sliding_window
+    pack = PACK_TOKENS if _can_pack(adapter) else 0
     with tqdm(total=len(sequences), desc=desc, unit="seq", leave=False) as bar:
         # Prefixed units in waves of similar prefix length: one batched forward computes the
-        # wave's prefixes; each suffix row then reads its own unit's prefix from the KV cache, so
-        # rows of different groups share a batch. Batches are right-padded, and those without a
-        # cache run without an attention mask: under causal attention no real token sees the
-        # padding after it, and without a mask SDPA can use its fastest (flash) kernels. Suffix
-        # rows need a mask to skip each shorter prefix's padding in the cache.
+        # wave's prefixes. Each suffix row then reads its own unit's prefix from the KV cache, so
+        # rows of different groups share a batch; a row packs several suffixes of one unit
+        # (``pack`` tokens at most), each attending to the prefix and causally to itself only.
+        # Batches are right-padded, and those without a cache run without an attention mask:
+        # under causal attention no real token sees the padding after it, and without a mask
+        # SDPA can use its fastest (flash) kernels.
         for wave in waves:
             prefix_cache, prefix_mask = _prefix_cache(decoder, [sequences[u.members[0]][: u.prefix_len] for u in wave], pad, left, device)
-            rows = [(k, i) for k, u in enumerate(wave) for i in u.members]
-            suffix_lengths = [len(sequences[i]) - wave[k].prefix_len for k, i in rows]
-            for rows_of_batch in _batches(suffix_lengths, batch_size, max_padding):
+            suffix_length = {i: len(sequences[i]) - u.prefix_len for u in wave for i in u.members}
+            rows = [(k, packed) for k, u in enumerate(wave) for packed in _pack(u.members, suffix_length, pack)]
+            row_lengths = [sum(suffix_length[i] for i in members) for _, members in rows]
+            for rows_of_batch in _batches(row_lengths, batch_size, max_padding):
                 chunk = [rows[r] for r in rows_of_batch]
-                batch = [i for _, i in chunk]
-                unit_of_row, prefix_len = _to_device(torch.tensor([[k, wave[k].prefix_len] for k, _ in chunk]).T, device)
-                ids, mask = _pad_batch([sequences[i][wave[k].prefix_len :] for k, i in chunk], pad)
-                ids, mask = _to_device(ids, device), _to_device(mask, device)
+                inputs, unit_of_row, starts = _suffix_inputs(chunk, wave, sequences, prefix_mask, pad, pack > 0, adapter.dtype, device)
                 cache = _cache_rows(prefix_cache, unit_of_row)
-                out = decoder(
-                    input_ids=ids,
-                    attention_mask=torch.cat([prefix_mask[unit_of_row], mask], dim=1),
-                    position_ids=prefix_len[:, None] + torch.arange(ids.shape[1], device=device),
-                    use_cache=True,
-                    **{cache_kw: cache},
-                )
+                out = decoder(**inputs, use_cache=True, **{cache_kw: cache})
                 del cache
-                offsets = [[p - wave[k].prefix_len for p in positions[i]] for k, i in chunk]
-                yield batch, _select_rows(out.last_hidden_state, offsets)
+                batch = [i for _, members in chunk for i in members]
+                row_of = [r for r, (_, members) in enumerate(chunk) for _ in members]
+                offsets = [[starts[i] + p - wave[k].prefix_len for p in positions[i]] for k, members in chunk for i in members]
+                yield batch, _select_rows(out.last_hidden_state, offsets, row_of)
                 bar.update(len(batch))
             del prefix_cache
         for rows_of_batch in _batches([len(sequences[i]) for i in loose], batch_size, max_padding):
@@ -258,6 +256,82 @@ def iter_final_hidden(
             out = decoder(input_ids=_to_device(ids, device), use_cache=False)
             yield batch, _select_rows(out.last_hidden_state, [positions[i] for i in batch])
             bar.update(len(batch))
+
+
+def _can_pack(adapter: ModelAdapter) -> bool:
+    """Whether suffixes may share a row under a custom 4-D attention mask: the model's attention
+    must take such a mask as given (SDPA, eager) and have no sliding window (which transformers
+    would otherwise add to its own masks)."""
+    return not adapter.has_sliding_window and getattr(adapter.model.config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
+def _pack(members: Sequence[int], lengths: Mapping[int, int], budget: int) -> list[list[int]]:
+    """``members`` in rows of at most ``budget`` tokens (longest first, each into the first row
+    with room; a longer member gets a row of its own). ``budget == 0``: one member per row."""
+    if budget <= 0:
+        return [[i] for i in members]
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(members, key=lambda i: -lengths[i]):
+        fits = next((r for r, left in enumerate(room) if lengths[i] <= left), None)
+        if fits is None:
+            rows.append([i])
+            room.append(budget - lengths[i])
+        else:
+            rows[fits].append(i)
+            room[fits] -= lengths[i]
+    return rows
+
+
+def _suffix_inputs(
+    chunk: Sequence[tuple[int, list[int]]],
+    wave: Sequence[_Unit],
+    sequences: Sequence[Sequence[int]],
+    prefix_mask: Tensor,
+    pad: int,
+    packed: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[dict[str, Tensor], Tensor, dict[int, int]]:
+    """Decoder inputs for rows of suffixes that continue cached prefixes.
+
+    ``chunk``: per row, (unit index in ``wave``, the sequences whose suffixes it holds, in order).
+    Returns the keyword inputs (``input_ids`` [B, S], ``position_ids`` [B, S] continuing each
+    prefix, ``attention_mask``), each row's unit (its row in the prefix cache), and where each
+    sequence's suffix starts in its row. The mask covers the cache slots then the row: a 2-D
+    padding mask for one suffix per row, otherwise an additive [B, 1, S, cache + S] mask in which
+    each token sees its prefix's real slots and, causally, its own suffix.
+    """
+    ids, segment, local, starts = [], [], [], {}
+    for k, members in chunk:
+        row_ids, row_segment, row_local = [], [], []
+        for r, i in enumerate(members):
+            suffix = list(sequences[i][wave[k].prefix_len :])
+            starts[i] = len(row_ids)
+            row_ids += suffix
+            row_segment += [r] * len(suffix)
+            row_local += range(len(suffix))
+        ids.append(row_ids)
+        segment.append(row_segment)
+        local.append(row_local)
+    width = max(len(row) for row in ids)
+    table = torch.tensor(
+        [[row + [pad] * (width - len(row)), seg + [-1] * (width - len(seg)), loc + [0] * (width - len(loc))] for row, seg, loc in zip(ids, segment, local)]
+    )  # [B, 3, S]
+    table = _to_device(table, device)
+    input_ids, segment_ids, local_positions = table.unbind(1)
+    unit_of_row, prefix_len = _to_device(torch.tensor([[k, wave[k].prefix_len] for k, _ in chunk]).T, device)
+    cached = prefix_mask[unit_of_row]  # [B, L], 1 = a real prefix slot
+    real = segment_ids >= 0
+    if not packed:
+        mask = torch.cat([cached, real.long()], dim=1)
+    else:
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        own = (segment_ids[:, :, None] == segment_ids[:, None, :]) & real[:, None, :] & causal
+        seen = torch.cat([cached.bool()[:, None, :].expand(-1, width, -1), own], dim=2)
+        mask = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, torch.finfo(dtype).min)[:, None]
+    inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": prefix_len[:, None] + local_positions}
+    return inputs, unit_of_row, starts
 
 
 def _prefix_cache(decoder, prefixes: Sequence[Sequence[int]], pad: int, left: bool, device: torch.device):
@@ -321,11 +395,13 @@ def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def _select_rows(hidden: Tensor, positions: Sequence[Sequence[int]]) -> list[Tensor]:
-    """``hidden[b, positions[b]]`` for every row b: a list of [len(positions[b]), d_model]."""
-    index = torch.tensor([[b, p] for b, row in enumerate(positions) for p in row], dtype=torch.long).reshape(-1, 2)
-    rows, cols = _to_device(index.T.contiguous(), hidden.device)
-    return list(hidden[rows, cols].split([len(row) for row in positions]))
+def _select_rows(hidden: Tensor, positions: Sequence[Sequence[int]], rows: Sequence[int] | None = None) -> list[Tensor]:
+    """``hidden[rows[j], positions[j]]`` for every item j (``rows`` defaults to 0, 1, ...): a list
+    of [len(positions[j]), d_model]."""
+    rows = range(len(positions)) if rows is None else rows
+    index = torch.tensor([[b, p] for b, row in zip(rows, positions) for p in row], dtype=torch.long).reshape(-1, 2)
+    row_index, col_index = _to_device(index.T.contiguous(), hidden.device)
+    return list(hidden[row_index, col_index].split([len(row) for row in positions]))
 
 
 def _safe_log_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
