@@ -8,9 +8,11 @@ batch of long prompts would take gigabytes; this keeps one ``[max_rows, vocab]``
 
 Sequences that share a long token prefix (MMLU questions of one subject share the 5-shot
 prefix; the choices of one ARC question share the question) can be grouped: the prefix is run
-once with a KV cache and only the suffixes are batched (``share_prefix``). That is exact for
-hooks that act on each token independently (all interventions of this project), and it is what
-makes 5-shot MMLU cheap on a CPU.
+once with a KV cache and only the suffixes are batched (``share_prefix``); where the model
+allows it, several suffixes of one prefix share a row, each attending to the cached prefix and
+causally to itself only (a 4-D attention mask and explicit positions). That is exact for hooks
+that act on each token independently (all interventions of this project), and it is what makes
+5-shot MMLU cheap on a CPU.
 
 Loss results (``LossResult``) are token-weighted means of the negative log-likelihood:
 ``mean_loss = sum of token NLLs / number of scored tokens``; ``perplexity = exp(mean_loss)``.
