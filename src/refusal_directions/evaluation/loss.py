@@ -200,9 +200,10 @@ def iter_final_hidden(
             (the position *predicting* token ``p + 1``).
         groups: optional group key per sequence; members of a group that share a token prefix
             of at least ``min_prefix`` tokens have it computed once (KV cache), see module doc.
-        batch_size: sequences per forward (at most). Sequences are sorted by length (longest
-            first), and a batch closes early rather than let padding exceed ``max_padding`` of its
-            real tokens (wasted compute on a GPU).
+        batch_size: rows per forward (at most); a row holds one sequence, a group's prefix, or
+            (where the model allows it) up to ``PACK_TOKENS`` tokens of a group's suffixes. Rows
+            are sorted by length (longest first), and a batch closes early rather than let
+            padding exceed ``max_padding`` of its real tokens (wasted compute).
 
     Yields ``(indices, hidden)`` per batch: ``hidden[j]`` is ``[len(positions[indices[j]]), d_model]``
     on the model's output device, in the order of the requested positions.
