@@ -83,17 +83,14 @@ def grouped_query_sdpa(
 
 @contextmanager
 def _grouped_query_attention() -> Iterator[None]:
-    """transformers' ``"sdpa"`` attention replaced by ``grouped_query_sdpa`` inside the block."""
-    try:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    except ImportError:  # a transformers without the attention registry: nothing to replace
-        yield
-        return
+    """transformers' ``"sdpa"`` attention replaced by ``grouped_query_sdpa`` inside the block
+    (in the registry's local overrides, which the models consult first)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     local = ALL_ATTENTION_FUNCTIONS._local_mapping
     had_override = "sdpa" in local
     previous = local.get("sdpa")
     original = ALL_ATTENTION_FUNCTIONS["sdpa"]
-
     stacked_masks: dict = {}
 
     def attention(*args, **kwargs):
