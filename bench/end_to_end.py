@@ -80,6 +80,15 @@ def build_adapter(tokenizer_dir: str, device: str, n_layers: int | None = None) 
     return adapter
 
 
+def mmlu_questions(data_dir: str, per_subject: int, n_subjects: int | None = None) -> tuple[list[dict], list[dict]]:
+    """The first ``per_subject`` MMLU test questions of each subject (of the first ``n_subjects``,
+    sorted), in subject order, and the dev split (the shots)."""
+    test = load_dataset("mmlu", data_dir, split="test")
+    subjects = sorted({r["subject"] for r in test})[:n_subjects]
+    questions = [q for s in subjects for q in [r for r in test if r["subject"] == s][:per_subject]]
+    return questions, load_dataset("mmlu", data_dir, split="dev")
+
+
 def peak_gb() -> float:
     return round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else float("nan")
 

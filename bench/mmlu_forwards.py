@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from end_to_end import build_adapter  # noqa: E402
+from end_to_end import build_adapter, mmlu_questions  # noqa: E402
 
-from refusal_directions import load_dataset  # noqa: E402
 from refusal_directions.evaluation.benchmarks import evaluate_mmlu  # noqa: E402
 
 
@@ -33,10 +32,7 @@ def main() -> None:
     args = parser.parse_args()
 
     adapter = build_adapter(args.tokenizer, "cuda")
-    test = load_dataset("mmlu", args.data_dir, split="test")
-    dev = load_dataset("mmlu", args.data_dir, split="dev")
-    subjects = sorted({r["subject"] for r in test})
-    questions = [q for s in subjects for q in [r for r in test if r["subject"] == s][: args.per_subject]]
+    questions, dev = mmlu_questions(args.data_dir, args.per_subject)
 
     decoder = adapter.model.get_decoder()
     forward = decoder.forward

@@ -19,10 +19,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from end_to_end import build_adapter  # noqa: E402
+from end_to_end import build_adapter, mmlu_questions, sync  # noqa: E402
 from evaluation import simple_scores  # noqa: E402
 
-from refusal_directions import load_dataset  # noqa: E402
 from refusal_directions.evaluation import loss  # noqa: E402
 from refusal_directions.evaluation.benchmarks import evaluate_mmlu, mmlu_prompt, mmlu_shots  # noqa: E402
 
@@ -40,10 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     adapter = build_adapter(args.tokenizer, args.device, n_layers=args.layers)
-    test = load_dataset("mmlu", args.data_dir, split="test")
-    dev = load_dataset("mmlu", args.data_dir, split="dev")
-    subjects = sorted({r["subject"] for r in test})[: args.subjects]
-    questions = [q for s in subjects for q in [r for r in test if r["subject"] == s][: args.per_subject]]
+    questions, dev = mmlu_questions(args.data_dir, args.per_subject, args.subjects)
     shots = mmlu_shots(dev)
     prompts = [mmlu_prompt(q, shots[q["subject"]]) for q in questions]
     letter_ids = [adapter.tokenizer(" " + x, add_special_tokens=False)["input_ids"][0] for x in "ABCD"]
@@ -54,10 +50,6 @@ def main() -> None:
         "packed, padding 25%": (True, 0.25),
         "not packed, padding 25% (before packing)": (False, 0.25),
     }
-
-    def sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
 
     def timed(fn):
         sync()
