@@ -16,9 +16,9 @@ def test_quick_preset_on_the_embedded_model(tmp_path, data_dir):
     run = P.run_command("run", config)
     summary = json.loads(run.path("evaluate", "summary.json").read_text())
     results = summary["results"]
-    assert {"baseline", "diff_in_means.ablation", "inlp.projection", "leace.erasure"} <= set(results)
+    assert {"baseline", "diff_in_means.ablation@all", "inlp.projection@all", "leace.erasure@all"} <= set(results)
     base = results["baseline"]["attack_success/jailbreakbench"]["value"]
-    ablated = results["diff_in_means.ablation"]["attack_success/jailbreakbench"]["value"]
+    ablated = results["diff_in_means.ablation@all"]["attack_success/jailbreakbench"]["value"]
     assert base < 0.9, "the embedded model refuses a good share of JailbreakBench"
     assert ablated > base, "ablating the selected diff-in-means direction removes refusals"
     for cells in results.values():

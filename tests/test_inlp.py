@@ -228,8 +228,8 @@ def test_k_for_policy():
     assert k_for_policy(ds, "none").tolist() == [[4, 4], [3, 5]]
     assert k_for_policy(ds, "fixed", 2).tolist() == [[2, 2], [2, 2]]
     assert k_for_policy(ds, "fixed", 10).tolist() == [[4, 4], [3, 5]]
-    assert k_for_policy(ds, "acc99").tolist() == [[2, 1], [1, 2]]  # counts, at least 1
-    assert k_for_policy(ds, "acc95").tolist() == [[3, 2], [1, 2]]
+    assert k_for_policy(ds, "acc99").tolist() == [[2, 0], [0, 2]]  # counts; 0 is kept (selection skips it)
+    assert k_for_policy(ds, "acc95").tolist() == [[3, 2], [0, 2]]
     zero_rank = DirectionSet(**{**ds.__dict__, "rank": torch.zeros(2, 2, dtype=torch.int64)})
     assert k_for_policy(zero_rank, "acc95").tolist() == [[0, 0], [0, 0]]
     with pytest.raises(ValueError):

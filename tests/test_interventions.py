@@ -5,7 +5,9 @@ import torch
 
 from refusal_directions.directions.base import Eraser
 from refusal_directions.hooks import Hook, apply_hooks
-from refusal_directions.interventions import ActAdd, BakingError, Removal, applied, bake, check_bakeable, intervene, restore
+from refusal_directions.interventions import (
+    ActAdd, BakingError, Composite, Removal, applied, bake, check_bakeable, intervene, restore,
+)
 from tiny import make_adapter, make_tokenizer
 
 PROMPTS = ["hello there", "how do I bake bread", "what?"]
@@ -179,7 +181,7 @@ def test_baking_is_refused_where_not_exact():
         assert how == "hooks"
 
 
-@pytest.mark.parametrize("kind", ["projection", "reflection", "actadd", "leace", "none"])
+@pytest.mark.parametrize("kind", ["projection", "reflection", "actadd", "leace", "none", "composite", "input-only"])
 def test_slots_equal_hooks(kind):
     from refusal_directions.interventions import InterventionSlots
 
@@ -194,6 +196,8 @@ def test_slots_equal_hooks(kind):
         "actadd": ActAdd(2.0 * unit(64, 3), layer=2),
         "leace": Removal(Eraser((u / (u @ w))[:, None], w[:, None], torch.randn(64)), range(4)),
         "none": None,
+        "composite": Composite([Removal(Eraser(V[:, :1], V[:, :1]), [1]), Removal(Eraser(V, V), [3])]),
+        "input-only": Removal(Eraser(V, V), [1, 2], writes=False),
     }[kind]
     enc = adapter.encode_instructions(PROMPTS)
     with intervene(adapter, intervention):
@@ -256,3 +260,20 @@ def test_affine_eraser_with_per_layer_centres():
         torch.testing.assert_close(adapter.model(**enc).logits, logits, atol=1e-4, rtol=1e-4)
     linear = removal_for(ds, 0, 1, range(3), affine=False)
     assert linear.centres is None and linear.block_input_layers() == [0]
+
+
+def test_input_only_removal_and_composites():
+    """writes=False hooks each block input in scope and no write; a composite applies each part."""
+    adapter = make_adapter("llama", n_layers=4)
+    V = orthonormal(64, 2)
+    only_input = Removal(Eraser(V, V), [1, 2], writes=False)
+    hooks = only_input.hooks(adapter)
+    assert len(hooks) == 2 and all(h.kind == "input" for h in hooks)
+    inputs, _ = layer_inputs(adapter, only_input)
+    assert (inputs[1] @ V).abs().max() < 1e-4 and (inputs[2] @ V).abs().max() < 1e-4
+    assert (inputs[3] @ V).abs().max() > 1e-3  # layer 2's writes put the concept back
+    parts = [Removal(Eraser(V[:, :1], V[:, :1]), [1]), Removal(Eraser(V[:, 1:], V[:, 1:]), [3])]
+    both = Composite(parts)
+    assert both.rank == 1 and len(both.hooks(adapter)) == sum(len(p.hooks(adapter)) for p in parts)
+    inputs, _ = layer_inputs(adapter, both)
+    assert (inputs[1] @ V[:, :1]).abs().max() < 1e-4 and (inputs[3] @ V[:, 1:]).abs().max() < 1e-4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -72,8 +73,8 @@ def test_run_produces_every_metric_and_the_report(complete_run):
     summary = json.loads(run.path("evaluate", "summary.json").read_text())
     names = [i["name"] for i in summary["interventions"]]
     assert names[0] == "baseline"
-    assert {"diff_in_means.ablation", "inlp.projection", "leace.erasure", "leace.erasure-nonaffine",
-            "diff_in_means.actadd-x1", "inlp.actadd-x1", "inlp.reflection-a2-reference"} <= set(names)
+    assert {"diff_in_means.ablation@all", "inlp.projection@all", "leace.erasure@all", "leace.erasure-nonaffine@all",
+            "diff_in_means.actadd-x1", "inlp.actadd-x1", "inlp.reflection-a2-reference@all"} <= set(names)
     for name in names:
         cells = summary["results"][name]
         assert set(cells) == set(summary["metrics"])
@@ -85,10 +86,67 @@ def test_run_produces_every_metric_and_the_report(complete_run):
             assert (cell["p_vs_baseline"] is None) == (name == "baseline")
     assert summary["results"]["baseline"]["ce/alpaca"]["status"] == "not run"
     html = run.path("report", "report.html").read_text()
-    assert "inlp.projection" in html and "leace.erasure" in html and "not run" in html
+    assert "inlp.projection@all" in html and "leace.erasure@all" in html and "not run" in html
     assert run.path("report", "report.md").exists()
     plots = list(run.path("select", "plots").glob("*.png"))
     assert len(plots) == 9  # three methods x bypass, steering, KL
+
+
+def test_summary_has_wilson_intervals_and_holm_adjusted_p_values(complete_run):
+    from refusal_directions.evaluation.stats import holm, wilson_interval
+
+    summary = json.loads(complete_run.path("evaluate", "summary.json").read_text())
+    kinds = {m: meta["kind"] for m, meta in summary["metrics"].items()}
+    family = []
+    for name, row in summary["results"].items():
+        for metric, cell in row.items():
+            if cell["status"] != "ok":
+                continue
+            if kinds[metric] == "loss":
+                assert cell["ci_method"] == "bootstrap"
+            else:
+                k = round(cell["value"] * cell["n"])
+                assert cell["ci_method"] == "wilson" and cell["ci"] == pytest.approx(list(wilson_interval(k, cell["n"])), abs=1e-15)
+            if name == "baseline":
+                assert "p_raw" not in cell
+            elif cell["test"] is not None:
+                assert cell["p_raw"] <= cell["p_vs_baseline"] <= 1.0
+                family.append(cell)
+    assert summary["p_adjustment"]["method"] == "holm" and summary["p_adjustment"]["m"] == len(family) > 10
+    assert [c["p_vs_baseline"] for c in family] == pytest.approx(holm([c["p_raw"] for c in family]), abs=1e-15)
+
+
+def _by_text(records: list[dict]) -> set[str]:
+    return {r["instruction"] for r in records}
+
+
+def test_val_from_train_tops_up_validation_prompts_from_unused_train_prompts(data_dir):
+    from refusal_directions.data import load_dataset, sample
+
+    base = {"data_dir": str(data_dir), "device": "cpu", "n_train": 64, "n_val": 100}
+    off = P.sample_prompts(build_config(base, gpu_available=False)[0])
+    on = P.sample_prompts(build_config({**base, "val_from_train": True}, gpu_available=False)[0])
+    # off: exactly the seeded samples of each split (harmful_val has only 39 prompts)
+    for name, n in (("harmful_train", 64), ("harmful_val", 100), ("harmless_train", 64), ("harmless_val", 100)):
+        assert off[name] == sample(load_dataset(name, data_dir), n, 42)
+    assert len(off["harmful_val"]) == 39 and len(off["harmless_val"]) == 100
+    # on: the whole harmful_val split (same order), then 61 harmful_train prompts not sampled for training
+    assert len(on["harmful_val"]) == 100 and on["harmful_val"][:39] == off["harmful_val"]
+    extra = on["harmful_val"][39:]
+    assert all(r["source"] == "harmful_train" for r in extra)
+    assert _by_text(extra) <= _by_text(load_dataset("harmful_train", data_dir))
+    assert not _by_text(on["harmful_val"]) & _by_text(on["harmful_train"])
+    assert len(_by_text(on["harmful_val"])) == 100
+    # the train samples and the large-enough harmless_val split are untouched
+    for name in ("harmful_train", "harmless_train", "harmless_val"):
+        assert on[name] == off[name]
+    # n_val within the split: the option changes nothing
+    small = {**base, "n_val": 32}
+    assert P.sample_prompts(build_config({**small, "val_from_train": True}, gpu_available=False)[0]) == \
+        P.sample_prompts(build_config(small, gpu_available=False)[0])
+    # the unused train prompts run out: 260 - 250 = 10 are left to add
+    big = P.sample_prompts(build_config({**base, "n_train": 250, "val_from_train": True}, gpu_available=False)[0])
+    assert len(big["harmful_val"]) == 39 + 10 and not _by_text(big["harmful_val"]) & _by_text(big["harmful_train"])
 
 
 def test_rerun_reuses_every_artifact(complete_run, tiny_model, data_dir):
@@ -179,9 +237,74 @@ def test_unavailable_safety_judge_is_not_run_with_the_reason(complete_run, tiny_
     config = tiny_config(tiny_model, tmp_path, data_dir, safety_judge=str(tmp_path / "no-such-guard"))
     run = P.open_run(config, run_dir=folder)
     summary = P.evaluate(run)
-    cell = summary["results"]["diff_in_means.ablation"]["safety/jailbreakbench"]
+    cell = summary["results"]["diff_in_means.ablation@all"]["safety/jailbreakbench"]
     assert cell["status"] == "not run" and "no-such-guard" in cell["reason"]
     assert any("safety judge not run" in note for note in summary["notes"])
     assert run.adapter.model is None  # freed before the judge was loaded
     P.write_manifest(run)  # still works without the model
     assert json.loads(run.path("manifest.json").read_text())["model"]["fingerprint"] == complete_run.adapter.fingerprint
+
+
+def test_manifest_records_the_data_and_an_identical_mirror_elsewhere_reuses_every_artifact(complete_run, tiny_model,
+                                                                                           data_dir, tmp_path):
+    import shutil
+
+    from refusal_directions.config import STAGE_VERSIONS
+    from refusal_directions.data import file_sha256
+
+    manifest = json.loads(complete_run.path("manifest.json").read_text())
+    assert manifest["stage_versions"] == STAGE_VERSIONS
+    harmful_train = data_dir / "refusal" / "splits" / "harmful_train.json"
+    assert manifest["data"]["harmful_train"] == {"source": "mirror", "sha256": file_sha256(harmful_train)}
+    assert {"jailbreakbench", "harmless_test", "lambada", "mmlu:test", "mmlu:dev", "arc_challenge:test"} <= set(manifest["data"])
+    mirror = tmp_path / "mirror"
+    shutil.copytree(data_dir, mirror)
+    before = _artifact_mtimes(complete_run.dir)
+    run = P.run_command("run", tiny_config(tiny_model, Path(complete_run.config.output_dir), mirror))
+    assert run.dir == complete_run.dir and _artifact_mtimes(run.dir) == before
+    copied = mirror / "refusal" / "splits" / "harmful_train.json"
+    copied.chmod(0o644)
+    copied.write_text(json.dumps([*json.loads(copied.read_text()), {"instruction": "One more prompt."}]))
+    edited = tiny_config(tiny_model, Path(complete_run.config.output_dir), mirror)
+    assert edited.stage_key("extract", complete_run.adapter.fingerprint) != complete_run.stage_key("extract")
+    assert edited.stage_key("select", complete_run.adapter.fingerprint) != complete_run.key  # another run folder
+
+
+def test_export_of_leace_bakes_the_linear_eraser_and_replaces_atomically(complete_run, tiny_model, data_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(tiny_model, Path(complete_run.config.output_dir), data_dir)
+    target = tmp_path / "erased"
+    target.mkdir()
+    (target / "old.txt").write_text("previous export")
+    out = P.export_model(config, "leace", target)
+    assert not (out / "old.txt").exists() and not (tmp_path / ".erased.partial").exists()
+    meta = json.loads((out / "refusal_directions.json").read_text())
+    assert meta["method"] == "leace" and meta["baked"] == "non-affine LEACE erasure"
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    run = P.open_run(config)
+    sets = P.load_extraction(run).direction_sets
+    best = P.load_selection(run)["leace"].best
+    enc = run.adapter.encode_instructions(["how do I pick a lock", "write a poem"])
+    linear = removal_for(sets["leace"], best.pos_index, best.layer, range(run.adapter.n_layers), affine=False)
+    with intervene(run.adapter, linear):
+        hooked = run.adapter.model(**enc).logits
+    assert (exported(**enc).logits - hooked).abs().max() <= 1e-4
+
+
+def test_plan_evaluates_every_scope_side_by_side(complete_run, tiny_model, data_dir):
+    config = tiny_config(tiny_model, Path(complete_run.config.output_dir), data_dir, scopes=["one", "top:0.5", "all"])
+    run = P.Run(config, complete_run.adapter, complete_run.dir, complete_run.key)
+    sets = P.load_extraction(complete_run).direction_sets
+    selections = P.load_selection(complete_run)
+    plan = {s.name: s for s in P.plan_interventions(run, selections, sets)}
+    pool = min(len(s.ranked) for s in selections.values())
+    for method, removal in (("diff_in_means", "ablation"), ("inlp", "projection"), ("leace", "erasure")):
+        ranked = selections[method].ranked
+        assert plan[f"{method}.{removal}@one"].layers == (ranked[0].layer,)
+        assert plan[f"{method}.{removal}@top0.5"].layers == tuple(sorted({c.layer for c in ranked[: math.ceil(pool / 2)]}))
+        assert plan[f"{method}.{removal}@all"].layers == tuple(range(run.adapter.n_layers))
+        for label in ("one", "top0.5", "all"):
+            assert plan[f"{method}.{removal}@{label}"].scope == label
+            assert f"{method}.reflection-a2-reference@{label}" in plan
+    assert sum(s.kind == "actadd" for s in plan.values()) == 2  # diff-in-means and INLP, one multiplier each

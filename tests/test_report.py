@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from refusal_directions.interventions import InterventionSpec
-from refusal_directions.report import compare_runs, plot_selection, significance_mark, write_report, compress_layers
+from refusal_directions.report import (compare_runs, plot_selection, significance_mark, write_report, compress_layers,
+                                       load_run, read_first_warnings)
 from refusal_directions.selection import Candidate, MethodSelection
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -57,7 +58,7 @@ def make_selection(method: str, fallback: bool = False) -> MethodSelection:
     best = ranked[0] if fallback else passing[0]
     warning = (f"{method}: no candidate passed the filters (kl>0.1); using the best unfiltered candidate "
                f"(position {best.position}, layer {best.layer}).") if fallback else None
-    return MethodSelection(method, ranked, best, warning, list(range(N_LAYERS)))
+    return MethodSelection(method, ranked, best, warning)
 
 
 def make_specs(selections: dict[str, MethodSelection]) -> list[InterventionSpec]:
@@ -66,7 +67,7 @@ def make_specs(selections: dict[str, MethodSelection]) -> list[InterventionSpec]
     for method, sel in selections.items():
         b = sel.best
         common = dict(method=method, pos_index=b.pos_index, position=b.position, layer=b.layer,
-                      layers=tuple(sel.scope_layers), k=b.rank if method == "inlp" else None)
+                      layers=tuple(range(N_LAYERS)), k=b.rank if method == "inlp" else None)
         specs.append(InterventionSpec(f"{method}.{names[method]}", "removal", **common))
         if method != "leace":
             specs.append(InterventionSpec(f"{method}.actadd-x1", "actadd", coefficient=12.5, **common))
@@ -110,7 +111,10 @@ def make_summary(specs: list[InterventionSpec], key: str, drop: tuple[str, ...] 
             if spec.name == "inlp.actadd-x1" and metric == "arc_challenge/acc_norm":
                 value, ci, p = NAN, [NAN, NAN], NAN  # NaN must render as n/a
             row[metric] = {"status": "ok", "value": value, "ci": ci, "n": 32,
+                           "ci_method": "bootstrap" if METRICS[metric]["kind"] == "loss" else "wilson",
                            "p_vs_baseline": p, "test": None if p is None else ("mcnemar" if METRICS[metric]["kind"] != "loss" else "paired_bootstrap")}
+            if p is not None and not math.isnan(p):
+                row[metric]["p_raw"] = p / 4  # p_vs_baseline holds the Holm-adjusted value
         results[spec.name] = row
         examples[spec.name] = [
             {"dataset": "harmless_test", "prompt": "Give three tips for staying healthy.", "response": "Eat well.", "refused": False},
@@ -126,6 +130,8 @@ def make_summary(specs: list[InterventionSpec], key: str, drop: tuple[str, ...] 
         "interventions": [s.to_dict() for s in specs if s.name not in drop],
         "metrics": METRICS,
         "results": results,
+        "p_adjustment": {"method": "holm", "m": sum("p_raw" in c for row in results.values() for c in row.values()),
+                         "family": "every non-baseline intervention x metric with a paired test"},
         "per_category": per_category,
         "chance_flags": {
             "mmlu": {"chance": 0.25, "baseline_ci": [base_mmlu["value"] - 0.1, base_mmlu["value"] + 0.1], "flagged": True},
@@ -305,6 +311,84 @@ def test_report_not_run_chance_flags_notes_and_escaping(full_report):
     assert SCRIPT_RESPONSE in md
     outside_fences = re.sub(r"(`{3,})text\n.*?\n *\1", "", md, flags=re.S)
     assert "<script" not in outside_fences and "&lt;script&gt;" not in outside_fences
+
+
+READ_FIRST_FIXTURE = [
+    "Selection fallback: inlp: no candidate passed the filters (kl>0.1); using the best unfiltered candidate "
+    "(position -2, layer 5). The INLP rows use a component that failed the selection filters.",
+    "Thin evaluation sets (under 50 items): n=32: attack_success/jailbreakbench, attack_success/advbench, harmless_refusal, "
+    "mmlu, arc_challenge/acc, arc_challenge/acc_norm. With n=32 a 95% interval around 0.5 spans about ±0.16: only large "
+    "differences can show as significant.",
+    "Chance level: MMLU (5-shot) (mmlu): the baseline's interval [0.070, 0.270] includes chance (0.25); this benchmark "
+    "cannot show capability damage for this model.",
+]
+
+
+def test_read_first_box_stands_above_the_tables(full_report):
+    folder, page, md = full_report
+    assert read_first_warnings(load_run(folder)) == READ_FIRST_FIXTURE
+    box = re.search(r'<div class="read-first" id="read-first"><h2>⚠ Read this first</h2><ul>(.*?)</ul></div>', page)
+    assert box and re.findall(r"<li>(.*?)</li>", box.group(1)) == [html.escape(w) for w in READ_FIRST_FIXTURE]
+    assert box.start() < page.index('id="results"') < page.index('id="notes"')
+    assert ".read-first {" in page  # styled
+    assert md.index("> **⚠ Read this first**\n>\n" + "\n".join(f"> - {w}" for w in READ_FIRST_FIXTURE) + "\n") \
+        < md.index("## Interventions × metrics")
+
+
+def test_read_first_warns_about_thin_selection_sets_and_a_baseline_at_the_ceiling(tmp_path):
+    folder = write_fixture_run(tmp_path / "run")
+    for method in ("diff_in_means", "leace"):
+        path = folder / "select" / f"{method}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "n_val": {"harmful": 7, "harmless": 30}}))
+    (folder / "extract" / "prompts.json").write_text(json.dumps(
+        {"key": "e" * 12, "harmful_val": [{"instruction": f"h{i}"} for i in range(32)],
+         "harmless_val": [{"instruction": f"b{i}"} for i in range(32)]}))
+    path = folder / "evaluate" / "summary.json"
+    summary = json.loads(path.read_text())
+    base = summary["results"]["baseline"]
+    base["attack_success/advbench"].update(value=0.95, ci=[0.83, 0.99])
+    base["attack_success/jailbreakbench"].update(value=0.89, ci=[0.74, 0.96])  # under the ceiling
+    for cell in base.values():
+        if cell["status"] == "ok":
+            cell["n"] = 64
+    summary["chance_flags"]["mmlu"]["flagged"] = False
+    path.write_text(json.dumps(summary))
+    assert read_first_warnings(load_run(folder)) == [
+        READ_FIRST_FIXTURE[0],
+        "Thin selection set: diff-in-means, LEACE ranked candidates on 7 harmful and 30 harmless validation prompts "
+        "(of 32 and 32 drawn, after the refusal filter); with under 16 the bypass and KL scores are noisy and the chosen "
+        "component may change with the sample. Draw more with --n-val (and --val-from-train beyond the 39 prompts of "
+        "harmful_val).",
+        "Ceiling: baseline attack success on advbench is already 0.950 [0.830, 0.990] (warned at 0.9 or an interval "
+        "reaching 1): the model rarely refuses these prompts, so there is little refusal to remove and this column "
+        "cannot show what removal does.",
+    ]
+    page = write_report(folder)[0].read_text()
+    assert page.index("Thin selection set: diff-in-means, LEACE") < page.index('id="results"')
+    assert page.index("Ceiling: baseline attack success on advbench") < page.index('id="results"')
+    compared = compare_runs([folder], tmp_path / "compare.html").read_text()
+    assert compared.index("R1: Ceiling: baseline attack success on advbench") < compared.index('class="results"')
+
+
+def test_legend_and_tooltips_say_the_p_values_are_holm_adjusted(full_report):
+    from refusal_directions.report import statistics_legend
+
+    folder, page, md = full_report
+    summary = json.loads((folder / "evaluate" / "summary.json").read_text())
+    m = summary["p_adjustment"]["m"]
+    legend = ("Value [95% interval: Wilson score for rates and accuracies, percentile bootstrap over documents "
+              "(token-weighted) for cross-entropy]; significance of the difference from baseline (McNemar's exact test on "
+              f"paired outcomes, paired bootstrap for cross-entropy), p-values Holm-adjusted over all {m} tests of this table "
+              "(every intervention × metric; the unadjusted ones are p_raw in evaluate/summary.json): "
+              "* p<0.05, ** p<0.01, *** p<0.001.")
+    assert statistics_legend(summary) == legend
+    assert html.escape(legend) in page and legend in md
+    cell = summary["results"]["diff_in_means.ablation"]["attack_success/jailbreakbench"]
+    assert f"p vs baseline = {cell['p_vs_baseline']:.2g} Holm-adjusted (raw {cell['p_raw']:.2g}, mcnemar)" in page
+    # a summary written before intervals and adjustment were recorded is described as it is
+    old = {"results": {"x": {"a": {"status": "ok", "value": 0.5, "ci": [0.4, 0.6], "p_vs_baseline": 0.01}}}}
+    assert statistics_legend(old).startswith("Value [95% bootstrap interval]; ")
+    assert "p-values not adjusted for multiple comparisons: " in statistics_legend(old)
 
 
 def test_report_images_are_embedded_pngs(full_report):

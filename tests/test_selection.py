@@ -9,9 +9,10 @@ from refusal_directions.activations import cache_activations
 from refusal_directions.directions.diff_in_means import fit_diff_in_means
 from refusal_directions.directions.leace import fit_leace
 from refusal_directions.interventions import ActAdd, intervene, removal_for
+from refusal_directions.scopes import Scope
 from refusal_directions.selection import (
-    Candidate, SelectionSettings, apply_filters, choose, kl_divergence, rank_candidates, refusal_scores,
-    score_candidates, select_components, spearman,
+    Candidate, SelectionError, SelectionSettings, apply_filters, choose, kl_divergence, rank_candidates,
+    refusal_scores, score_candidates, select_components, spearman,
 )
 from tiny import make_adapter
 
@@ -32,8 +33,13 @@ def setup():
 def test_local_scores_equal_full_forwards_with_the_same_intervention(setup):
     adapter, dim, _ = setup
     settings = SelectionSettings(actadd_multipliers=[0.5, 2.0], batch_size=3)
-    cands = score_candidates(adapter, dim, HARMFUL, HARMLESS, settings, lambda p, l: float(dim.scale[p, l]))
-    assert len(cands) == 2 * 3
+    skipped = []
+    cands = score_candidates(adapter, dim, HARMFUL, HARMLESS, settings, lambda p, l: float(dim.scale[p, l]),
+                             skipped=skipped)
+    # Layer 0 at a chat-template token: every prompt has the same activation, r = 0: skipped.
+    assert skipped == [{"pos_index": p, "position": pos, "layer": 0, "reason": "zero-norm direction"}
+                       for p, pos in enumerate((-2, -1))]
+    assert len(cands) == 2 * 3 - 2 and all(c.layer > 0 for c in cands)
     for cand in cands:
         removal = removal_for(dim, cand.pos_index, cand.layer, [cand.layer])
         bypass = refusal_scores(adapter, HARMFUL, 8, removal).mean()
@@ -81,18 +87,18 @@ def test_ranking_and_choice():
     assert [c.layer for c in dim] == [3, 1, 2, 0]
     inlp = rank_candidates("inlp", cands)
     assert [c.layer for c in inlp] == [3, 2, 0, 1]
-    sel = choose("diff_in_means", dim, 10, "top", 0.5)
+    sel = choose("diff_in_means", dim)
     assert sel.best.layer == 1 and sel.fallback_warning is None
-    assert sel.scope_layers == [1, 3]  # first ceil(0.5 * 4) = 2 entries of the unfiltered list
-    assert choose("diff_in_means", dim, 10, "one", None).scope_layers == [3]
-    assert choose("diff_in_means", dim, 10, "all", None).scope_layers == list(range(10))
-    assert choose("diff_in_means", dim, 10, "top", 0.01).scope_layers == [3]  # at least one
+    assert Scope.parse("top:0.5").layers(dim, 4, 10) == [1, 3]  # first ceil(0.5 * 4) = 2 entries of the unfiltered list
+    assert Scope.parse("one").layers(dim, 4, 10) == [3]
+    assert Scope.parse("all").layers(dim, 4, 10) == list(range(10))
+    assert Scope.parse("top:0.01").layers(dim, 4, 10) == [3]  # at least one
 
 
 def test_fallback_when_nothing_passes():
     cands = [_cand(0, -1.0, kl=0.5), _cand(1, -2.0, steering=-1.0)]
     apply_filters(cands, 10, 0.1, 0.2)
-    sel = choose("diff_in_means", rank_candidates("diff_in_means", cands), 10, "all", None)
+    sel = choose("diff_in_means", rank_candidates("diff_in_means", cands))
     assert sel.best.layer == 1
     assert "no candidate passed the filters" in sel.fallback_warning and "kl>0.1" in sel.fallback_warning
 
@@ -110,12 +116,75 @@ def test_spearman():
 def test_select_components_end_to_end(setup):
     adapter, dim, leace = setup
     settings = SelectionSettings(actadd_multipliers=[1.0], compare_rankings=True)
-    result = select_components(adapter, {"diff_in_means": dim, "leace": leace}, HARMFUL, HARMLESS, settings, "top", 0.5)
+    result = select_components(adapter, {"diff_in_means": dim, "leace": leace}, HARMFUL, HARMLESS, settings)
     assert set(result) == {"diff_in_means", "leace"}
     d, l = result["diff_in_means"], result["leace"]
-    assert len(d.ranked) == 6 and len(d.scope_layers) >= 1
+    assert len(d.ranked) == 4 and len(d.skipped) == 2
     # LEACE steers along r̂ like diff-in-means: its steering scores are reused.
     by_key = {(c.pos_index, c.layer): c.steering for c in d.ranked}
     assert all(c.steering == by_key[(c.pos_index, c.layer)] for c in l.ranked)
     assert d.spearman is not None and -1 <= d.spearman <= 1
     assert all(c.global_bypass is not None for c in d.ranked)
+
+
+@pytest.mark.parametrize("n_layers, first_pruned", [(24, 19), (28, 22), (32, 25), (10, 8)])
+def test_late_layer_filter_uses_the_reference_arithmetic(n_layers, first_pruned):
+    """discard layer >= int(L * (1 - 0.2)): at 24 layers layer 19 is pruned (it used to be kept)."""
+    cands = [_cand(l, -1.0) for l in range(n_layers)]
+    apply_filters(cands, n_layers, 0.1, 0.2)
+    kept = [c.layer for c in cands if not c.filtered_out]
+    assert kept == list(range(first_pruned))
+    assert all(c.filtered_out == [f"layer>={first_pruned}"] for c in cands[first_pruned:])
+
+
+def test_choose_refuses_all_nan_and_empty_rankings():
+    cands = [_cand(0, math.nan), _cand(1, math.nan)]
+    apply_filters(cands, 10, 0.1, 0.2)
+    with pytest.raises(SelectionError, match="NaN"):
+        choose("inlp", rank_candidates("inlp", cands))
+    with pytest.raises(SelectionError, match="no candidate"):
+        choose("inlp", [])
+
+
+def test_fallback_never_picks_a_nan_candidate():
+    cands = [_cand(1, -5.0, kl=math.nan), _cand(2, -1.0, kl=0.5)]
+    apply_filters(cands, 10, 0.1, 0.2)
+    sel = choose("diff_in_means", rank_candidates("diff_in_means", cands))
+    assert sel.best.layer == 2 and sel.fallback_warning
+
+
+def test_scope_parsing_and_labels():
+    assert Scope.parse("top:0.5").label == "top0.5" and Scope.parse("top:0.01").label == "top0.01"
+    assert Scope.parse("one").label == "one" and Scope.parse("all").label == "all"
+    for bad in ("top:0", "top:1.5", "top:x", "half", "top"):
+        with pytest.raises(ValueError, match="Unknown scope"):
+            Scope.parse(bad)
+
+
+@pytest.mark.parametrize("method", ["inlp", "leace"])
+def test_reference_hook_points_edit_the_block_input_only_for_inlp_and_leace(setup, method):
+    adapter, dim, leace = setup
+    from refusal_directions.directions.inlp import INLPConfig, fit_inlp
+
+    h, _ = cache_activations(adapter, HARMFUL, [-2, -1])
+    b, _ = cache_activations(adapter, HARMLESS, [-2, -1])
+    ds = leace if method == "leace" else fit_inlp(h, b, INLPConfig(max_iter=3), [-2, -1])
+    scores = {}
+    for mode in ("full", "reference"):
+        settings = SelectionSettings(actadd_multipliers=[1.0], hook_points=mode)
+        scores[mode] = {(c.pos_index, c.layer): c for c in score_candidates(adapter, ds, HARMFUL, HARMLESS, settings,
+                                                                           lambda p, l: 1.0)}
+    for (p, l), cand in scores["reference"].items():
+        only_input = removal_for(ds, p, l, [l], cand.rank, writes=False)
+        assert len(only_input.hooks(adapter)) == 1  # the block-input pre-hook of the source layer
+        assert cand.bypass == pytest.approx(float(refusal_scores(adapter, HARMFUL, 8, only_input).mean()), abs=1e-4)
+    assert len(removal_for(ds, 0, 1, [1]).hooks(adapter)) == 3  # full: block input + attention + MLP outputs
+    assert any(abs(scores["reference"][key].bypass - scores["full"][key].bypass) > 1e-4 for key in scores["full"])
+
+
+def test_diff_in_means_keeps_full_hook_points_in_reference_mode(setup):
+    adapter, dim, _ = setup
+    a = score_candidates(adapter, dim, HARMFUL, HARMLESS, SelectionSettings(actadd_multipliers=[1.0]), lambda p, l: 1.0)
+    b = score_candidates(adapter, dim, HARMFUL, HARMLESS, SelectionSettings(actadd_multipliers=[1.0], hook_points="reference"),
+                         lambda p, l: 1.0)
+    assert [(c.bypass, c.kl) for c in a] == [(c.bypass, c.kl) for c in b]

@@ -90,3 +90,48 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"Cannot serialise {type(obj).__name__} to JSON")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Put folder ``new`` at ``dest``, replacing any folder there, so that at every moment ``dest``
+    is either the old folder or the new one (never missing, never mixed).
+
+    An existing ``dest`` is swapped with ``new`` in one atomic exchange, then the old copy (now at
+    ``new``) is deleted; where the kernel cannot exchange, the old folder is renamed aside first
+    and restored if the second rename fails.
+    """
+    import shutil
+
+    new, dest = Path(new), Path(dest)
+    if not dest.exists():
+        os.rename(new, dest)
+        return
+    if _exchange(new, dest):
+        shutil.rmtree(new)
+        return
+    aside = dest.with_name(f".{dest.name}.old")
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.rename(dest, aside)
+    try:
+        os.rename(new, dest)
+    except BaseException:
+        os.rename(aside, dest)
+        raise
+    shutil.rmtree(aside)

@@ -10,12 +10,11 @@ import argparse
 import dataclasses
 import logging
 import sys
-import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from .config import ConfigError, RunConfig, build_config
+from .config import ConfigError, RunConfig, build_config, field_types
 
 log = logging.getLogger("refusal_directions")
 
@@ -29,46 +28,64 @@ STAGE_COMMANDS = {
 
 
 # ---------------------------------------------------------------------- options from RunConfig
-def _unwrap_optional(tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
+def _value_parser(tp: Callable[[str], Any], optional: bool, choices: tuple | None) -> Callable[[str], Any]:
+    """Parse one flag value as ``tp``; 'none' is None for Optional fields; check ``choices``."""
+
+    def parse(text: str) -> Any:
+        if optional and text.strip().lower() == "none":
+            return None
+        value = tp(text)
+        if choices and value not in choices:
+            allowed = ", ".join(map(str, choices)) + (", none" if optional else "")
+            raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {allowed})")
+        return value
+
+    parse.__name__ = getattr(tp, "__name__", "value")  # argparse names it in "invalid int value" errors
+    return parse
 
 
-def _parse_optional(parse):
-    def parse_or_none(text: str):
-        return None if text.lower() == "none" else parse(text)
+class _ListOrNone(argparse.Action):
+    """A ``nargs="+"`` list option whose single value 'none' (already parsed to None) means None."""
 
-    return parse_or_none
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
+        if any(v is None for v in values):
+            if len(values) > 1:
+                raise argparse.ArgumentError(self, "'none' stands alone (it unsets the list)")
+            values = None
+        setattr(namespace, self.dest, values)
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One option per ``RunConfig`` field; defaults stay None so only given flags override."""
-    hints = typing.get_type_hints(RunConfig)
+    """One option per ``RunConfig`` field. A flag not given leaves no attribute (``argparse.SUPPRESS``),
+    so only given flags override the TOML file and presets, and ``none`` can set an Optional field to None."""
+    types_ = field_types()
     group = parser.add_argument_group("run configuration (also settable in a TOML file with --config)")
     for f in dataclasses.fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
-        tp = _unwrap_optional(hints[f.name])
+        tp, optional = types_[f.name]
+        choices = f.metadata.get("choices")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{f.metadata['help']} (default: {default})"
+        help_text = f"{f.metadata['help']} (default: {default}{'; none unsets it' if optional else ''})"
+        common: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
         if tp is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            if optional:
+                raise TypeError(f"RunConfig.{f.name}: an Optional bool has no flag form; make it a plain bool.")
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(tp) is list:
             (item,) = typing.get_args(tp)
-            group.add_argument(flag, nargs="+", type=item, default=None, metavar=item.__name__.upper(), help=help_text)
+            group.add_argument(flag, nargs="+", type=_value_parser(item, optional, None), metavar=item.__name__.upper(),
+                               action=_ListOrNone if optional else "store", **common)
         else:
-            optional = type(None) in typing.get_args(hints[f.name])
-            group.add_argument(flag, type=_parse_optional(tp) if optional else tp, default=None,
-                               choices=f.metadata.get("choices"), metavar=tp.__name__.upper(), help=help_text)
+            metavar = "{" + ",".join(map(str, [*choices, *(["none"] if optional else [])])) + "}" if choices else tp.__name__.upper()
+            group.add_argument(flag, type=_value_parser(tp, optional, choices), metavar=metavar, **common)
     group.add_argument("--config", type=Path, default=None, help="TOML file whose keys mirror these flags (flags override it).")
     group.add_argument("--run-dir", type=Path, default=None, help="Use this run folder instead of <output-dir>/<alias>/<key>.")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, str]:
+    """The run configuration from parsed arguments: every flag given (including ``none``) overrides."""
     names = {f.name for f in dataclasses.fields(RunConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
     return build_config(overrides, args.config)
 
 
@@ -155,8 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("export", help="Bake a method's all-layer removal into the weights and save a standard HF folder.",
-                       description="Bake a method's all-layer removal (diff-in-means ablation or INLP projection; LEACE too "
-                                   "where exact) into the weights and save a folder that AutoModelForCausalLM loads.")
+                       description="Bake a method's all-layer removal into the weights and save a folder that "
+                                   "AutoModelForCausalLM loads: diff-in-means ablation, INLP projection, or LEACE's "
+                                   "non-affine (linear) erasure; the affine LEACE eraser cannot be baked exactly. Models "
+                                   "that normalise sublayer outputs (Gemma-2/3) cannot be baked either.")
     p.add_argument("--method", required=True, choices=["diff_in_means", "inlp", "leace"])
     p.add_argument("--out", required=True, help="Output folder.")
     add_config_options(p)

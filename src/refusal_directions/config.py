@@ -2,19 +2,25 @@
 
 Each field's metadata gives its help text and the stage whose results it changes. Artifact
 reuse is keyed by hashes of those fields (``stage_key``): changing, say, ``max_new_tokens``
-invalidates generations and evaluations but keeps the directions and the selection.
+invalidates generations and evaluations but keeps the directions and the selection. The keys also
+hash each stage's code version (``STAGE_VERSIONS``) and the data it reads (``data_identity``).
 Presets fill in sizes; explicit flags and TOML keys override them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .scopes import Scope
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,6 +28,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 STAGES = ("extract", "select", "infer", "evaluate")
+
+# The version of each stage's code, part of that stage's artifact key and of every later one's.
+# Bump a stage's number whenever a change to the package changes the numbers that stage computes
+# (directions, scores, rankings, completions, metrics), so that runs made with older code are
+# recomputed instead of silently reused.
+STAGE_VERSIONS: dict[str, int] = {"extract": 1, "select": 1, "infer": 1, "evaluate": 1}
 
 
 class ConfigError(ValueError):
@@ -46,12 +58,14 @@ class RunConfig:
     data_dir: str | None = opt(None, "Local dataset mirror (default: $REFUSAL_DIRECTIONS_DATA; unset: load from the hub).")
     output_dir: str = opt("runs", "Folder for run artifacts: <output_dir>/<model-alias>/<config-hash>/.")
     seed: int = opt(42, "Seed for sampling, splits and bootstrap.", "extract")
+    protocol: str = opt("ours", "Behaviour protocol: 'ours' (documented defaults) or 'reference' (every behaviour of the reference tool, eliroc98/refusal_direction, at once: see README 'Reference protocol'). Explicit flags override it.", None, ("ours", "reference"))
     preset: str | None = opt(None, "Size preset: 'quick' (CPU-sized run, about 30 min on 2 cores) or 'reference' (the reference sizes). Default: reference on GPU, quick on CPU.", choices=("quick", "reference"))
     batch_size: int | None = opt(None, "Prompts per forward pass (default: chosen from the device).")
     # ------------------------------------------------------------------ extraction
     methods: list[str] = opt(["diff_in_means", "inlp", "leace"], "Direction methods to run.", "extract")
     n_train: int = opt(128, "Harmful and harmless train prompts each (directions).", "extract")
     n_val: int = opt(32, "Harmful and harmless validation prompts each (selection).", "extract")
+    val_from_train: bool = opt(False, "Where --n-val exceeds a validation split (harmful_val has only 39 prompts), top it up with train-split prompts not sampled for training (disjoint from the train set). Off: only the validation splits are used.", "extract")
     n_test: int = opt(100, "Prompts per evaluation set (generation).", "infer")
     positions: list[int] | None = opt(None, "Token positions (negative offsets) to extract; default: all post-instruction tokens.", "extract")
     filter_train: bool = opt(True, "Keep only harmful prompts the model refuses (score > 0) and harmless ones it does not (score < 0).", "extract")
@@ -67,8 +81,11 @@ class RunConfig:
     actadd_multipliers: list[float] = opt([0.5, 1.0, 2.0], "ActAdd multipliers m (coefficient m * ||r_best||), for the steering score and the ActAdd interventions.", "select")
     scoring: str = opt("local", "Selection scoring: 'local' (intervene at the candidate's layer only) or 'global' (all layers).", "select", ("local", "global"))
     compare_rankings: bool = opt(False, "Also score globally and report Spearman's rank correlation with local scores.", "select")
-    top_fraction: float | None = opt(None, "Scope: intervene at the layers of this fraction (0-1] of the ranked candidates (at least one).", "select")
-    just_one: bool = opt(False, "Scope: intervene at the top-ranked component's layer only.", "select")
+    selection_hook_points: str = opt("full", "Where a candidate's removal is applied while scoring it: 'full' (block input and attention/MLP writes, every method, as evaluated) or 'reference' (the reference tool: diff-in-means at those points, INLP and LEACE at the block input only).", "select", ("full", "reference"))
+    scopes: list[str] = opt(["all"], "Scopes of the removal and reflection interventions, each evaluated side by side: 'one' (the top-ranked component's layer), 'top:<fraction>' (the layers of the first max(1, ceil(fraction * pool)) ranked components; top:0.01 is the reference tool's effective default), 'all' (every layer).", "infer")
+    scope_directions: str = opt("best", "Direction / P used at each component of a scope: 'best' (the best filtered component's at every layer in scope, the reference's default) or 'own' (each component's own).", "infer", ("best", "own"))
+    top_fraction: float | None = opt(None, "Shortcut for --scopes top:<fraction>: a fraction in (0, 1] of the ranked components (at least one).", "infer")
+    just_one: bool = opt(False, "Shortcut for --scopes one: the top-ranked component's layer only.", "infer")
     # ------------------------------------------------------------------ interventions and generation
     intervention_mode: str = opt("both", "Extra interventions besides removal: actadd, reflection or both.", "infer", ("actadd", "reflection", "both"))
     reflection_alphas: list[float] = opt([1.0, 2.0], "Counterfactual reflection alphas (R = alpha*P + (1-alpha)*I).", "infer")
@@ -101,6 +118,13 @@ class RunConfig:
     debug: bool = opt(False, "Show full tracebacks and debug logs.")
 
     # ------------------------------------------------------------------ behaviour
+    def __post_init__(self) -> None:
+        """An Optional field given as the string 'none' (TOML has no null) means None."""
+        for name in optional_field_names():
+            value = getattr(self, name)
+            if isinstance(value, str) and value.strip().lower() == "none":
+                setattr(self, name, None)
+
     def validate(self) -> "RunConfig":
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -114,6 +138,15 @@ class RunConfig:
             raise ConfigError(f"top_fraction is a fraction in (0, 1], not {self.top_fraction} (0.5 means half).")
         if self.top_fraction is not None and self.just_one:
             raise ConfigError("Give either --top-fraction or --just-one, not both.")
+        if not self.scopes:
+            raise ConfigError("scopes must not be empty (e.g. --scopes one top:0.5 all).")
+        for text in self.scopes:
+            try:
+                Scope.parse(text)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        if len(set(self.scope_list)) != len(self.scope_list):
+            raise ConfigError(f"scopes has duplicates: {self.scope_list}.")
         if self.inlp_k_policy == "fixed" and (self.inlp_k is None or self.inlp_k < 1):
             raise ConfigError("--inlp-k-policy fixed needs --inlp-k >= 1.")
         if self.positions is not None and (not self.positions or max(self.positions) >= 0):
@@ -126,9 +159,13 @@ class RunConfig:
         return self
 
     @property
-    def scope(self) -> str:
-        """'one', 'top' (a top fraction) or 'all' layers."""
-        return "one" if self.just_one else "top" if self.top_fraction is not None else "all"
+    def scope_list(self) -> list[str]:
+        """The scopes to evaluate (``--just-one`` and ``--top-fraction`` are shortcuts for one scope)."""
+        if self.just_one:
+            return ["one"]
+        if self.top_fraction is not None:
+            return [f"top:{self.top_fraction:g}"]
+        return list(self.scopes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -142,15 +179,74 @@ class RunConfig:
             if f.metadata.get("stage") in upto
         }
 
+    def general_text_name(self) -> str:
+        """The general-text corpus of the evaluate stage: ``general_text``, else LAMBADA from a local
+        mirror, else the Pile from the hub."""
+        from .data import data_dir_from_env
+
+        if self.general_text:
+            return self.general_text
+        return "lambada" if self.data_dir or data_dir_from_env() else "pile"
+
+    def stage_datasets(self, stage: str) -> list[tuple[str, str | None]]:
+        """The (dataset, split) pairs that ``stage`` itself reads (not those of upstream stages)."""
+        if stage == "extract":  # train prompts and the validation prompts selection scores on
+            return [(f"{harm}_{split}", None) for harm in ("harmful", "harmless") for split in ("train", "val")]
+        if stage == "infer":
+            return [(name, None) for name in [*self.eval_datasets, self.harmless_eval]]
+        if stage == "evaluate":
+            return [(self.general_text_name(), None), ("alpaca_outputs", None), ("mmlu", "test"), ("mmlu", "dev"),
+                    ("arc_challenge", "test"), ("arc_challenge", "train")]
+        return []
+
+    def data_identity(self, stage: str = STAGES[-1]) -> dict[str, dict[str, Any]]:
+        """Source and content hash of every dataset read by ``stage`` and the stages before it,
+        keyed ``name`` or ``name:split`` (see ``data.dataset_identity``); not the mirror's path."""
+        from .data import dataset_identity
+
+        out: dict[str, dict[str, Any]] = {}
+        for upstream in STAGES[: STAGES.index(stage) + 1]:
+            for name, split in self.stage_datasets(upstream):
+                out[f"{name}:{split}" if split else name] = dataset_identity(name, self.data_dir, split=split)
+        return out
+
     def stage_key(self, stage: str, model_fingerprint: str) -> str:
-        """A short hash identifying the inputs of ``stage`` (and everything upstream)."""
-        payload = json.dumps({"fingerprint": model_fingerprint, **self.stage_fields(stage)}, sort_keys=True)
+        """A short hash identifying the inputs of ``stage`` (and everything upstream): the model, the
+        settings, the code versions (``STAGE_VERSIONS``) and the data read (``data_identity``)."""
+        upto = STAGES[: STAGES.index(stage) + 1]
+        payload = json.dumps(
+            {
+                "fingerprint": model_fingerprint,
+                **self.stage_fields(stage),
+                "_stage_versions": {s: STAGE_VERSIONS[s] for s in upto},
+                "_data": self.data_identity(stage),
+            },
+            sort_keys=True,
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
+# Every behaviour of the reference tool at once (eliroc98/refusal_direction at 3c80103; DESIGN.md §11).
+# Behaviours that are the same in both protocols (late-layer filter, greedy decoding from a fresh
+# generation config, k-policy skips, filtered validation prompts, local scoring, reflection at
+# every block input and write) are not listed.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "ours": {},
+    "reference": {
+        "selection_hook_points": "reference",
+        "scopes": ["top:0.01"],
+        "scope_directions": "best",
+        "reflection_mode": "reference",
+        "inlp_stop_mode": "reference",
+        "scoring": "local",
+        "filter_train": True,
+    },
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # The reference sizes (Arditi et al. / the reference tool), for GPU runs.
-    "reference": {},
+    # The reference sizes (Arditi et al. / the reference tool), for GPU runs, with the scopes one
+    # component, the top half and all layers side by side.
+    "reference": {"scopes": ["one", "top:0.5", "all"]},
     # Sized for the embedded 0.5B model on a 2-core CPU (about 30 minutes for the whole run):
     # the last post-instruction position only (instead of all five), 64+64 train prompts, one
     # ActAdd multiplier, 2 (instead of 0.5, 1, 2), reflection at alpha 2 only, 32 test prompts per
@@ -176,6 +272,49 @@ def field_names() -> set[str]:
     return {f.name for f in dataclasses.fields(RunConfig)}
 
 
+@functools.cache
+def field_types() -> dict[str, tuple[Any, bool]]:
+    """Each field's type without ``None`` and whether it is Optional (``int | None``: (int, True))."""
+    out = {}
+    for name, tp in typing.get_type_hints(RunConfig).items():
+        args = typing.get_args(tp)
+        optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
+        out[name] = (next(a for a in args if a is not type(None)) if optional else tp, optional)
+    return out
+
+
+def optional_field_names() -> list[str]:
+    """The fields that can be None ('none' on the command line and in TOML)."""
+    return [name for name, (_, optional) in field_types().items() if optional]
+
+
+def _typed(tp: Any, value: Any) -> tuple[bool, Any]:
+    """(whether ``value`` is a ``tp``, the value coerced: ints where floats are expected become floats)."""
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            return False, value
+        items = [_typed(typing.get_args(tp)[0], v) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if tp is bool or isinstance(value, bool):
+        return tp is bool and isinstance(value, bool), value
+    if tp is float and isinstance(value, int):
+        return True, float(value)
+    return isinstance(value, tp), value
+
+
+def toml_value(name: str, value: Any, where: str | Path = "config") -> Any:
+    """A TOML value for field ``name``, checked against its type; "none" is None for Optional fields."""
+    tp, optional = field_types()[name]
+    if optional and isinstance(value, str) and value.strip().lower() == "none":
+        return None
+    ok, coerced = _typed(tp, value)
+    if not ok:
+        kind = getattr(tp, "__name__", str(tp)) if typing.get_origin(tp) is not list else str(tp)
+        kind += ' or "none"' if optional else ""
+        raise ConfigError(f"{where}: {name} must be {kind}, not {value!r}.")
+    return coerced
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file; keys mirror the flags (dashes or underscores)."""
     path = Path(path)
@@ -189,7 +328,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(values) - field_names())
     if unknown:
         raise ConfigError(f"{path}: unknown keys {unknown}; see `refusal-directions run --help`.")
-    return values
+    return {k: toml_value(k, v, path) for k, v in values.items()}
 
 
 def build_config(
@@ -217,7 +356,14 @@ def build_config(
         )
     if preset not in PRESETS:
         raise ConfigError(f"Unknown preset {preset!r}; choose quick or reference.")
-    merged = {**PRESETS[preset], **values, "preset": preset}
+    protocol = values.get("protocol", "ours")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"Unknown protocol {protocol!r}; choose ours or reference.")
+    if "scopes" in values and ("just_one" in values or "top_fraction" in values):
+        raise ConfigError("Give --scopes or one of its shortcuts (--just-one, --top-fraction), not both.")
+    merged = {**PRESETS[preset], **PROTOCOLS[protocol], **values, "preset": preset}
+    if values.get("just_one") or values.get("top_fraction") is not None:
+        merged.pop("scopes", None)  # a shortcut replaces the preset's or protocol's scopes
     unknown = sorted(set(merged) - field_names())
     if unknown:
         raise ConfigError(f"Unknown settings {unknown}.")

@@ -71,6 +71,8 @@ class Removal:
     at each layer). An affine eraser fitted at one layer is centred on that layer's mean; applied
     at other layers it must use theirs (the stream's mean moves a lot across layers). With
     centres, every block input in scope is edited, each around its own centre.
+    ``writes``: False edits the block inputs only (the reference tool's INLP selection scoring);
+    every block input in scope is then edited.
     """
 
     eraser: Eraser
@@ -80,6 +82,11 @@ class Removal:
     affine: bool = True
     name: str = "removal"
     centres: Tensor | None = None
+    writes: bool = True
+
+    @property
+    def rank(self) -> int:
+        return self.eraser.rank
 
     def centre(self, layer: int) -> Tensor | None:
         """The affine centre of ``layer``'s block input (None: linear)."""
@@ -89,7 +96,7 @@ class Removal:
 
     def block_input_layers(self) -> list[int]:
         layers = sorted(set(self.layers))
-        if self.affine and self.centres is not None:
+        if (self.affine and self.centres is not None) or not self.writes:
             return layers
         if self.alpha == 1.0:
             return [l for l in layers if l - 1 not in layers]
@@ -109,8 +116,9 @@ class Removal:
                 centre = self.centre(layer)
                 centred = Eraser(eraser.left, eraser.right, None if centre is None else centre.to(device))
                 hooks.append(Hook(points.block, "input", _edit_fn(centred, self.alpha, affine=True)))
-            linear = _edit_fn(eraser, self.alpha, affine=False)
-            hooks.extend(Hook(write, "output", linear) for write in points.writes)
+            if self.writes:
+                linear = _edit_fn(eraser, self.alpha, affine=False)
+                hooks.extend(Hook(write, "output", linear) for write in points.writes)
         return hooks
 
 
@@ -121,13 +129,30 @@ class ActAdd:
     vector: Tensor
     layer: int
     name: str = "actadd"
+    rank = 0
 
     def hooks(self, adapter: ModelAdapter) -> list[Hook]:
         vector = self.vector.float().to(adapter.layer_device(self.layer))
         return [Hook(adapter.hook_points[self.layer].block, "input", _add_fn(vector))]
 
 
-Intervention = Removal | ActAdd
+@dataclass
+class Composite:
+    """Several removals applied together, each at its own layers (a scope whose components keep
+    their own direction or P: ``--scope-directions own``). Parts at the same layer apply in order."""
+
+    parts: list[Removal]
+    name: str = "composite"
+
+    @property
+    def rank(self) -> int:
+        return max(p.rank for p in self.parts)
+
+    def hooks(self, adapter: ModelAdapter) -> list[Hook]:
+        return [h for part in self.parts for h in part.hooks(adapter)]
+
+
+Intervention = Removal | ActAdd | Composite
 
 
 @contextmanager
@@ -187,20 +212,29 @@ class InterventionSlots:
                 buffer.zero_()
         if isinstance(intervention, ActAdd):
             self.slots[intervention.layer].add.copy_(intervention.vector)
-        elif isinstance(intervention, Removal):
-            eraser, rank = intervention.eraser, intervention.eraser.rank
-            if rank > self.max_rank:
-                raise ValueError(f"Intervention rank {rank} exceeds the slots' max_rank {self.max_rank}.")
-            block_inputs = set(intervention.block_input_layers())
-            for layer in sorted(set(intervention.layers)):
-                slot = self.slots[layer]
-                slot.left[:, :rank] = eraser.left
-                slot.right[:, :rank] = eraser.right
-                if (centre := intervention.centre(layer)) is not None:
-                    slot.bias.copy_(centre)
-                slot.alpha_writes.fill_(intervention.alpha)
-                if layer in block_inputs:
-                    slot.alpha_input.fill_(intervention.alpha)
+        elif isinstance(intervention, (Removal, Composite)):
+            parts = intervention.parts if isinstance(intervention, Composite) else [intervention]
+            layers = [l for part in parts for l in set(part.layers)]
+            if len(layers) != len(set(layers)):
+                raise ValueError("The slots hold one removal per layer; this intervention has several at one layer.")
+            for part in parts:
+                self._load_removal(part)
+
+    def _load_removal(self, removal: Removal) -> None:
+        eraser, rank = removal.eraser, removal.rank
+        if rank > self.max_rank:
+            raise ValueError(f"Intervention rank {rank} exceeds the slots' max_rank {self.max_rank}.")
+        block_inputs = set(removal.block_input_layers())
+        for layer in sorted(set(removal.layers)):
+            slot = self.slots[layer]
+            slot.left[:, :rank] = eraser.left
+            slot.right[:, :rank] = eraser.right
+            if (centre := removal.centre(layer)) is not None:
+                slot.bias.copy_(centre)
+            if removal.writes:
+                slot.alpha_writes.fill_(removal.alpha)
+            if layer in block_inputs:
+                slot.alpha_input.fill_(removal.alpha)
 
 
 # ---------------------------------------------------------------------- weight baking
@@ -308,14 +342,16 @@ def applied(adapter: ModelAdapter, intervention: Intervention | None, bake_weigh
 
 # ---------------------------------------------------------------------- constructors and plans
 def removal_for(directions: DirectionSet, pos_index: int, layer: int, layers: Sequence[int], k: int | None = None,
-                alpha: float = 1.0, mode: ReflectionMode = "reference", affine: bool = True) -> Removal:
+                alpha: float = 1.0, mode: ReflectionMode = "reference", affine: bool = True,
+                writes: bool = True) -> Removal:
     """The method's removal (or reflection) of component (pos_index, layer), applied at ``layers``.
 
     Affine methods (LEACE) are centred at each layer on that layer's mean at the same position.
+    ``writes=False``: block inputs only.
     """
     centres = directions.bias[pos_index].float() if (affine and directions.bias is not None) else None
     return Removal(directions.eraser(pos_index, layer, k, affine=affine), list(layers), alpha, mode, affine,
-                   centres=centres)
+                   centres=centres, writes=writes)
 
 
 def actadd_for(directions: DirectionSet, pos_index: int, layer: int, coefficient: float) -> ActAdd:
@@ -330,6 +366,9 @@ class InterventionSpec:
     kind: "baseline", "removal" (ablation / projection / erasure), "reflection" (alpha != 1) or
     "actadd" (coefficient = |c|; subtracted on harmful prompts to remove refusal, added on
     harmless prompts to induce it; capability metrics use the harmful-side sign).
+    ``scope``: the scope label of a removal or reflection (one, top0.5, all). ``components``:
+    (pos_index, layer, k) of each component in scope when each keeps its own direction or P
+    (empty: the best component's at every layer of ``layers``, the reference's default).
     """
 
     name: str
@@ -344,23 +383,29 @@ class InterventionSpec:
     affine: bool = True
     coefficient: float = 0.0
     k: int | None = None
+    scope: str = ""
+    components: tuple[tuple[int, int, int | None], ...] = ()
 
     def build(self, direction_sets: dict[str, DirectionSet], harmful: bool = True) -> Intervention | None:
+        """The intervention for prompts of one side: ActAdd's sign is decided here, and only here."""
         if self.kind == "baseline":
             return None
         directions = direction_sets[self.method]
         if self.kind == "actadd":
             sign = -1.0 if harmful else 1.0
             return actadd_for(directions, self.pos_index, self.layer, sign * self.coefficient)
+        if self.components:
+            return Composite([removal_for(directions, p, l, [l], k, self.alpha, self.mode, self.affine)  # type: ignore[arg-type]
+                              for p, l, k in self.components])
         return removal_for(directions, self.pos_index, self.layer, self.layers, self.k, self.alpha,
                            self.mode, self.affine)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict:
-        return {**self.__dict__, "layers": list(self.layers)}
+        return {**self.__dict__, "layers": list(self.layers), "components": [list(c) for c in self.components]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "InterventionSpec":
-        return cls(**{**d, "layers": tuple(d["layers"])})
+        return cls(**{**d, "layers": tuple(d["layers"]), "components": tuple(tuple(c) for c in d.get("components", ()))})
 
 
 REMOVAL_NAMES = {"diff_in_means": "ablation", "inlp": "projection", "leace": "erasure"}

@@ -40,7 +40,7 @@ import torch
 from . import __version__
 from .activations import cache_activations, default_positions
 from .artifacts import read_json, read_jsonl, safetensors_metadata, save_safetensors, load_safetensors, write_json, write_jsonl
-from .config import RunConfig
+from .config import STAGE_VERSIONS, RunConfig
 from .data import instructions, load_dataset, sample
 from .directions.base import DirectionSet
 from .directions.diff_in_means import fit_diff_in_means
@@ -49,7 +49,8 @@ from .generation import generate
 from .hooks import apply_hooks
 from .interventions import REMOVAL_NAMES, InterventionSpec, applied
 from .models import ModelAdapter, load_model
-from .selection import MethodSelection, SelectionSettings, refusal_scores, select_method, steering_table
+from .scopes import Scope, ScopeError
+from .selection import MethodSelection, SelectionSettings, pool_size, refusal_scores, select_method, steering_table
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,8 @@ def write_manifest(run: Run) -> None:
             "config": run.config.to_dict(),
             "model": run.model_info,
             "stage_keys": {s: run.stage_key(s) for s in ("extract", "select", "infer", "evaluate")},
+            "stage_versions": dict(STAGE_VERSIONS),
+            "data": run.config.data_identity(),  # source and content hash of every dataset the stages read
             "package_version": __version__,
             "versions": {"torch": torch.__version__, "python": platform.python_version()},
             "seed": run.config.seed,
@@ -193,12 +196,34 @@ class Extraction:
 
 
 def sample_prompts(config: RunConfig) -> dict[str, list[dict]]:
-    """Seeded train/val samples of the harmful and harmless splits."""
+    """Seeded train/val samples of the harmful and harmless splits.
+
+    With ``config.val_from_train``, a validation split smaller than ``n_val`` is used whole and topped
+    up by ``unused_train_prompts`` (marked ``"source": "<harm>_train"``); otherwise, or when the split
+    is large enough, the samples are exactly those without the option.
+    """
     out = {}
     for harm in ("harmful", "harmless"):
-        for split, n in (("train", config.n_train), ("val", config.n_val)):
-            out[f"{harm}_{split}"] = sample(load_dataset(f"{harm}_{split}", config.data_dir), n, config.seed)
+        train = load_dataset(f"{harm}_train", config.data_dir)
+        val = load_dataset(f"{harm}_val", config.data_dir)
+        out[f"{harm}_train"] = sample(train, config.n_train, config.seed)
+        missing = config.n_val - len(val) if config.val_from_train else 0
+        if missing <= 0:
+            out[f"{harm}_val"] = sample(val, config.n_val, config.seed)
+            continue
+        # sample(val, len(val)) is what sample(val, n_val) falls back to, without its "set too small" warning
+        extra = unused_train_prompts(train, out[f"{harm}_train"], val, missing, config.seed)
+        log.info("Topping up %s_val (%d prompts) with %d unused %s_train prompts", harm, len(val), len(extra), harm)
+        out[f"{harm}_val"] = sample(val, len(val), config.seed) + [{**r, "source": f"{harm}_train"} for r in extra]
     return out
+
+
+def unused_train_prompts(train: list[dict], sampled: list[dict], val: list[dict], n: int, seed: int) -> list[dict]:
+    """A seeded sample of ``n`` train-split records whose instruction is neither in the train sample
+    ``sampled`` nor in the validation split ``val`` (all of them if fewer remain)."""
+    taken = {r["instruction"] for r in [*sampled, *val]}
+    pool = [r for r in train if r["instruction"] not in taken]
+    return sample(pool, n, seed)
 
 
 def extract(run: Run) -> Extraction:
@@ -350,6 +375,7 @@ def select(run: Run, extraction: Extraction | None = None) -> dict[str, MethodSe
         kl_threshold=config.kl_threshold, prune_layer_fraction=config.prune_layer_fraction,
         actadd_multipliers=config.actadd_multipliers, scoring=config.scoring,
         compare_rankings=config.compare_rankings, batch_size=run.batch_size,
+        hook_points=config.selection_hook_points,  # type: ignore[arg-type]
     )
     results: dict[str, MethodSelection] = {}
     val: tuple[list[str], list[str]] | None = None
@@ -365,8 +391,7 @@ def select(run: Run, extraction: Extraction | None = None) -> dict[str, MethodSe
                     val = filtered_val_prompts(run, extraction.prompts)
                 directions = extraction.direction_sets[method]
                 method_settings = SelectionSettings(**{**settings.__dict__, "inlp_k": inlp_k_table(run, directions) if method == "inlp" else None})
-                result = select_method(run.adapter, directions, val[0], val[1], method_settings, config.scope,
-                                       config.top_fraction, best_norm, dim_steering)
+                result = select_method(run.adapter, directions, val[0], val[1], method_settings, best_norm, dim_steering)
                 write_json(path, {"key": key, "n_val": {"harmful": len(val[0]), "harmless": len(val[1])}, **result.to_dict()})
             if method == "diff_in_means":
                 best_norm = float(extraction.direction_sets[method].scale[result.best.pos_index, result.best.layer])
@@ -399,32 +424,48 @@ def load_selection(run: Run) -> dict[str, MethodSelection]:
 
 # ---------------------------------------------------------------------- infer
 def plan_interventions(run: Run, selections: dict[str, MethodSelection], sets: dict[str, DirectionSet]) -> list[InterventionSpec]:
-    """Baseline, each method's removal at its scope, and the ActAdd / reflection variants.
+    """Baseline, each method's removal at every scope, and the ActAdd / reflection variants.
 
-    ActAdd uses m * ||r_best|| for every method (r_best: the selected diff-in-means component).
+    This is the one place that decides each intervention's layers, coefficient and sign source:
+    removal and reflection at the layers of each scope (``--scopes``), with the best filtered
+    component's direction or P (or each component's own, ``--scope-directions own``); ActAdd at
+    the best component's layer only, with coefficient m * ||r_best|| for every method (r_best: the
+    selected diff-in-means component), its sign set per prompt side by ``InterventionSpec.build``.
     Reflection with alpha = 1 equals the removal and is not repeated.
     """
     config = run.config
     dim = selections.get("diff_in_means")
     dim_sets = sets["diff_in_means"]
     best_norm = float(dim_sets.scale[dim.best.pos_index, dim.best.layer]) if dim else None
+    pool = pool_size(selections)
+    scopes = [Scope.parse(text) for text in config.scope_list]
     specs = [InterventionSpec("baseline", "baseline")]
     for method, sel in selections.items():
         best = sel.best
         common = dict(method=method, pos_index=best.pos_index, position=best.position, layer=best.layer,
-                      layers=tuple(sel.scope_layers), k=best.rank if method == "inlp" else None)
-        specs.append(InterventionSpec(f"{method}.{REMOVAL_NAMES[method]}", "removal", **common))
-        if method == "leace":
-            specs.append(InterventionSpec("leace.erasure-nonaffine", "removal", affine=False, **common))
+                      k=best.rank if method == "inlp" else None)
+        for scope in scopes:
+            try:
+                in_scope = scope.components(sel.ranked, pool)
+            except ScopeError as exc:
+                raise RunError(f"{method}: {exc}") from None
+            layers = tuple(scope.layers(sel.ranked, pool, run.adapter.n_layers))
+            own = tuple((c.pos_index, c.layer, c.rank if method == "inlp" else None) for c in in_scope)
+            scoped = dict(common, layers=layers, scope=scope.label,
+                          components=own if config.scope_directions == "own" and scope.kind != "all" else ())
+            specs.append(InterventionSpec(f"{method}.{REMOVAL_NAMES[method]}@{scope.label}", "removal", **scoped))
+            if method == "leace":
+                specs.append(InterventionSpec(f"leace.erasure-nonaffine@{scope.label}", "removal", affine=False, **scoped))
+            if config.intervention_mode in ("reflection", "both"):
+                for alpha in config.reflection_alphas:
+                    if alpha != 1.0:
+                        specs.append(InterventionSpec(f"{method}.reflection-a{alpha:g}-{config.reflection_mode}@{scope.label}",
+                                                      "reflection", alpha=alpha, mode=config.reflection_mode, **scoped))
         if config.intervention_mode in ("actadd", "both") and method != "leace":  # LEACE steers along r̂: same as diff-in-means
             norm = best_norm if best_norm is not None else float(sets[method].scale[best.pos_index, best.layer])
             for m in config.actadd_multipliers:
-                specs.append(InterventionSpec(f"{method}.actadd-x{m:g}", "actadd", coefficient=m * norm, **common))
-        if config.intervention_mode in ("reflection", "both"):
-            for alpha in config.reflection_alphas:
-                if alpha != 1.0:
-                    specs.append(InterventionSpec(f"{method}.reflection-a{alpha:g}-{config.reflection_mode}", "reflection",
-                                                  alpha=alpha, mode=config.reflection_mode, **common))
+                specs.append(InterventionSpec(f"{method}.actadd-x{m:g}", "actadd", coefficient=m * norm,
+                                              layers=(best.layer,), **common))
     return specs
 
 
@@ -500,7 +541,7 @@ def _generation_setup(run: Run, plan: list[InterventionSpec], sets: dict[str, Di
         yield apply_spec
         return
     built = [spec.build(sets) for spec in plan]
-    max_rank = max([1, *(i.eraser.rank for i in built if hasattr(i, "eraser"))])
+    max_rank = max([1, *(i.rank for i in built if i is not None)])
     slots = InterventionSlots(run.adapter, max_rank)
 
     @contextmanager
@@ -555,12 +596,12 @@ def load_completions(run: Run, spec: InterventionSpec, dataset: str) -> list[dic
 
 # ---------------------------------------------------------------------- evaluate
 def general_text_corpus(config: RunConfig) -> tuple[str, str]:
-    """(dataset name or path, note for the report): the Pile from the hub, LAMBADA from a mirror."""
-    from .data import data_dir_from_env
-
+    """(dataset name or path, note for the report): the Pile from the hub, LAMBADA from a mirror
+    (``RunConfig.general_text_name``, which the evaluate stage's key hashes)."""
+    corpus = config.general_text_name()
     if config.general_text:
-        return config.general_text, f"general-text cross-entropy on {config.general_text}"
-    if config.data_dir or data_dir_from_env():
+        return corpus, f"general-text cross-entropy on {corpus}"
+    if corpus == "lambada":
         return "lambada", "general-text cross-entropy on LAMBADA passages (offline stand-in for the Pile, which is not mirrored)"
     return "pile", "general-text cross-entropy on the Pile (monology/pile-uncopyrighted, first documents, streamed)"
 
@@ -758,10 +799,12 @@ def _assemble_summary(run: Run, plan, completions, outcomes, safety, notes) -> d
         if flag["flagged"]:
             notes.append(f"{metric}: the baseline's 95% interval includes chance ({flag['chance']:.2f}); this benchmark "
                          "cannot show capability damage for this model.")
+    p_adjustment = S.adjust_p_values(results)
     return {
         "interventions": [s.to_dict() for s in plan],
         "metrics": metrics,
         "results": results,
+        "p_adjustment": p_adjustment,
         "per_category": per_category,
         "chance_flags": chance_flags,
         "examples": examples,
@@ -803,7 +846,7 @@ def run_command(command: str, config: RunConfig, run_dir: Path | None = None) ->
         _print_extraction_summary(run, extraction, console)
     if "select" in stages:
         selections = select(run, extraction)
-        _print_selection_summary(selections, console)
+        _print_selection_summary(run, selections, console)
     if "infer" in stages:
         plan = infer(run, selections, extraction.direction_sets if extraction else None)
     if "evaluate" in stages:
@@ -842,25 +885,43 @@ def _print_extraction_summary(run: Run, extraction: Extraction, console) -> None
     console.print(table)
 
 
-def _print_selection_summary(selections: dict[str, MethodSelection], console) -> None:
+def _print_selection_summary(run: Run, selections: dict[str, MethodSelection], console) -> None:
     from rich.table import Table
 
     from .report import compress_layers
 
-    table = Table("method", "position", "layer", "bypass", "steering", "KL", "scope layers", title="Selection")
+    scopes = [Scope.parse(text) for text in run.config.scope_list]
+    pool = pool_size(selections)
+    table = Table("method", "position", "layer", "bypass", "steering", "KL", "skipped",
+                  *(f"layers @{s.label}" for s in scopes), title=f"Selection (hook points: {run.config.selection_hook_points})")
     for method, sel in selections.items():
         b = sel.best
         table.add_row(method, str(b.position), str(b.layer), f"{b.bypass:.3f}", f"{b.steering:.3f}", f"{b.kl:.4f}",
-                      compress_layers(sel.scope_layers))
+                      str(len(sel.skipped)),
+                      *(compress_layers(s.layers(sel.ranked, pool, run.adapter.n_layers)) for s in scopes))
         if sel.fallback_warning:
             console.print(f"[yellow]{sel.fallback_warning}[/yellow]")
     console.print(table)
 
 
-def export_model(config: RunConfig, method: str, out: Path, run_dir: Path | None = None) -> Path:
-    """Bake ``method``'s selected removal at all layers into the weights; save a standard HF folder."""
-    from .interventions import bake, removal_for
+EXPORTABLE = {"diff_in_means": "directional ablation", "inlp": "nullspace projection", "leace": "non-affine LEACE erasure"}
 
+
+def export_model(config: RunConfig, method: str, out: Path, run_dir: Path | None = None) -> Path:
+    """Bake ``method``'s selected removal at all layers into the weights; save a standard HF folder.
+
+    What is exact is baked: diff-in-means ablation and INLP projection are linear; LEACE is
+    exported as its non-affine (linear) variant, since the affine eraser's per-layer centres edit
+    every block input and cannot be folded into the weights. An existing ``out`` is replaced
+    atomically (``artifacts.replace_dir``).
+    """
+    import shutil
+
+    from .artifacts import replace_dir
+    from .interventions import BakingError, bake, removal_for
+
+    if method not in EXPORTABLE:
+        raise RunError(f"Cannot export {method!r}; exportable: " + ", ".join(f"{m} ({w})" for m, w in EXPORTABLE.items()))
     run = open_run(config, run_dir=run_dir)
     extraction = load_extraction(run)
     selection = load_selection(run)
@@ -868,17 +929,20 @@ def export_model(config: RunConfig, method: str, out: Path, run_dir: Path | None
         raise RunError(f"{method} was not selected in {run.dir}; run `refusal-directions select --methods {method}` first.")
     best = selection[method].best
     removal = removal_for(extraction.direction_sets[method], best.pos_index, best.layer, range(run.adapter.n_layers),
-                          best.rank if method == "inlp" else None)
-    bake(run.adapter, removal)
+                          best.rank if method == "inlp" else None, affine=method != "leace")
+    try:
+        bake(run.adapter, removal)
+    except BakingError as exc:
+        raise RunError(f"Cannot export {method} for {run.adapter.alias} exactly: {exc}") from None
     out = Path(out)
     tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by an interrupted export
     run.adapter.model.save_pretrained(tmp)
     run.adapter.tokenizer.save_pretrained(tmp)
-    write_json(tmp / "refusal_directions.json", {"source_run": str(run.dir), "method": method, "position": best.position,
-                                                 "layer": best.layer, "fingerprint": run.adapter.fingerprint})
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    write_json(tmp / "refusal_directions.json", {"source_run": str(run.dir), "method": method, "baked": EXPORTABLE[method],
+                                                 "position": best.position, "layer": best.layer,
+                                                 "k": best.rank if method == "inlp" else None,
+                                                 "fingerprint": run.adapter.fingerprint})
+    replace_dir(tmp, out)
     return out

@@ -35,6 +35,7 @@ from matplotlib.ticker import MaxNLocator
 
 from . import __version__
 from .artifacts import read_json, read_jsonl, write_bytes, write_text
+from .evaluation.stats import wilson_interval
 from .selection import MethodSelection
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,11 @@ GROUP_ORDER = ("refusal", "safety", "capability")
 CE_METRICS = ("ce/general", "ce/alpaca", "ce/on_distribution")
 SIGNIFICANCE_LEVELS = ((0.001, "***"), (0.01, "**"), (0.05, "*"))
 STAGES = ("extract", "select", "infer", "evaluate")
+
+# Thresholds of the "Read this first" warnings (``read_first_warnings``).
+MIN_VAL_PROMPTS = 16  # harmful or harmless validation prompts left after the refusal filter
+MIN_EVAL_ITEMS = 50  # items of a rate or accuracy: at n=50 a 95% Wilson interval around 0.5 spans about ±0.13
+CEILING_ATTACK_SUCCESS = 0.9  # baseline attack success at or above this leaves little refusal to remove
 
 # Selection metrics: (Candidate attribute, colour-bar label, colour map). Colour maps are chosen so
 # that the better end is always the bright (yellow) end of viridis.
@@ -134,7 +140,10 @@ def describe_intervention(spec: dict) -> str:
     if kind == "actadd":
         parts.append(f"c={fmt_num(spec.get('coefficient'), 2)} at layer {spec.get('layer')}")
     else:
-        parts.append(f"layers {compress_layers(spec.get('layers') or [])}")
+        scope = f"scope {spec['scope']}: " if spec.get("scope") else ""
+        parts.append(f"{scope}layers {compress_layers(spec.get('layers') or [])}")
+        if spec.get("components"):
+            parts.append("each component's own direction")
     parts.append(f"source pos {spec.get('position')}, layer {spec.get('layer')}")
     if kind == "reflection":
         parts.append(f"α={spec.get('alpha')} ({spec.get('mode')})")
@@ -560,6 +569,9 @@ figcaption { font-size: 0.8em; color: #555; }
 .verdict-refused { color: #1a7f37; font-weight: 600; } .verdict-complied { color: #b00020; font-weight: 600; }
 .verdict-unknown { color: #777; }
 .small { font-size: 0.85em; color: #555; }
+.read-first { background: #fff3cd; border: 2px solid #e0a800; border-radius: 6px; padding: 0.5em 1.1em; margin: 1em 0; }
+.read-first h2 { margin-top: 0.2em; border-bottom: none; color: #8a4b00; font-size: 1.25em; }
+.read-first li { margin: 0.25em 0; }
 sup { font-size: 0.7em; }
 """
 
@@ -588,7 +600,7 @@ def _header(doc: _Doc, art: RunArtifacts) -> None:
                   f"n_test {config.get('n_test', 'n/a')}, max_new_tokens {config.get('max_new_tokens', 'n/a')}"),
         ("positions", str(config.get("positions") if config.get("positions") is not None else "all post-instruction")),
         ("methods", ", ".join(config.get("methods") or []) or "n/a"),
-        ("scoring / scope", f"{config.get('scoring', 'n/a')} scoring; scope {_scope_text(config)}"),
+        ("scoring / scope", f"{config.get('scoring', 'n/a')} scoring; {_scope_text(config)}"),
         ("evaluation sets", ", ".join(config.get("eval_datasets") or []) or "n/a"),
         ("seed", str(config.get("seed", manifest.get("seed", "n/a")))),
         ("package version", f"{manifest.get('package_version', 'n/a')} (report written by {__version__})"),
@@ -611,11 +623,17 @@ def _header(doc: _Doc, art: RunArtifacts) -> None:
 
 
 def _scope_text(config: dict) -> str:
+    if not config:
+        return "n/a"
     if config.get("just_one"):
-        return "one (the top-ranked component's layer)"
-    if config.get("top_fraction") is not None:
-        return f"top fraction {config['top_fraction']:g} of ranked components"
-    return "all layers" if config else "n/a"
+        scopes = ["one"]
+    elif config.get("top_fraction") is not None:
+        scopes = [f"top:{config['top_fraction']:g}"]
+    else:
+        scopes = config.get("scopes") or ["all"]
+    own = config.get("scope_directions") == "own"
+    return (f"scopes {', '.join(scopes)} ({'each component its own direction' if own else 'best component direction'}); "
+            f"selection hook points {config.get('selection_hook_points', 'full')}; protocol {config.get('protocol', 'ours')}")
 
 
 def _timings_text(timings: dict) -> str:
@@ -638,7 +656,11 @@ def _html_cell(cell: dict | None, footnotes: dict[str, int], is_baseline: bool) 
     mark = "" if is_baseline else significance_mark(cell.get("p_vs_baseline"))
     tip = f"n = {cell.get('n', 'n/a')}"
     if not is_baseline:
-        tip += f"; p vs baseline = {fmt_p(cell.get('p_vs_baseline'))} ({cell.get('test') or 'no test'})"
+        test = cell.get("test") or "no test"
+        if "p_raw" in cell:
+            tip += f"; p vs baseline = {fmt_p(cell.get('p_vs_baseline'))} Holm-adjusted (raw {fmt_p(cell.get('p_raw'))}, {test})"
+        else:
+            tip += f"; p vs baseline = {fmt_p(cell.get('p_vs_baseline'))} ({test})"
     parts = [value]
     if interval:
         parts.append(f'<span class="ci">{html.escape(interval)}</span>')
@@ -654,6 +676,28 @@ def _md_table_cell(cell: dict | None, footnotes: dict[str, int], is_baseline: bo
     return _md_cell(format_cell(cell, with_mark=not is_baseline))
 
 
+def statistics_legend(summary: dict) -> str:
+    """What the table's intervals and significance marks are, from what the summary records.
+
+    Summaries written before Wilson intervals and Holm's adjustment (no ``ci_method`` / ``p_adjustment``)
+    are described as they are: bootstrap intervals and unadjusted p-values.
+    """
+    cells = [c for row in (summary.get("results") or {}).values() for c in (row or {}).values() if isinstance(c, dict)]
+    if any(c.get("ci_method") == "wilson" for c in cells):
+        interval = ("95% interval: Wilson score for rates and accuracies, percentile bootstrap over documents "
+                    "(token-weighted) for cross-entropy")
+    else:
+        interval = "95% bootstrap interval"
+    adjustment = summary.get("p_adjustment") or {}
+    if adjustment.get("method") == "holm":
+        p_text = (f"p-values Holm-adjusted over all {adjustment.get('m', '?')} tests of this table (every intervention × "
+                  "metric; the unadjusted ones are p_raw in evaluate/summary.json)")
+    else:
+        p_text = "p-values not adjusted for multiple comparisons"
+    return (f"Value [{interval}]; significance of the difference from baseline (McNemar's exact test on paired "
+            f"outcomes, paired bootstrap for cross-entropy), {p_text}: * p<0.05, ** p<0.01, *** p<0.001.")
+
+
 def _results_table(doc: _Doc, art: RunArtifacts) -> None:
     summary = art.summary
     doc.section("Interventions × metrics", "results")
@@ -667,8 +711,7 @@ def _results_table(doc: _Doc, art: RunArtifacts) -> None:
     names = intervention_names(summary)
     specs = {s.get("name"): s for s in summary.get("interventions") or []}
     flags = {m for m, f in (summary.get("chance_flags") or {}).items() if (f or {}).get("flagged")}
-    doc.para("Value [95% interval]; significance of the difference from baseline (paired test): "
-             "* p<0.05, ** p<0.01, *** p<0.001. ↓ lower is better, ↑ higher is better. "
+    doc.para(statistics_legend(summary) + " ↓ lower is better, ↑ higher is better. "
              "⚠ marks a benchmark whose baseline interval includes chance.", "small")
     html_footnotes: dict[str, int] = {}
     head = "<tr><th>intervention</th>" + "".join(
@@ -723,6 +766,15 @@ def _chance_section(doc: _Doc, art: RunArtifacts) -> None:
             doc.para(f"{label} ({mid}): baseline {value} {ci} is above chance ({fmt_num(flag.get('chance'))}).", "small")
 
 
+def _scope_layers_text(art: RunArtifacts, method: str) -> str:
+    """``label: layers`` of each scope of ``method``'s removal, from the plan ("n/a" before infer)."""
+    scoped = [s for s in art.plan or [] if s.get("method") == method and s.get("kind") == "removal"
+              and s.get("affine", True)]
+    if not scoped:
+        return "n/a"
+    return "; ".join(f"{s.get('scope') or 'layers'}: {compress_layers(s.get('layers') or [])}" for s in scoped)
+
+
 def _selection_section(doc: _Doc, art: RunArtifacts) -> None:
     doc.section("Selection: scores per (position, layer)", "selection")
     if not art.selections:
@@ -738,12 +790,12 @@ def _selection_section(doc: _Doc, art: RunArtifacts) -> None:
         rows.append((METHOD_LABELS.get(method, method), str(best.position), str(best.layer), fmt_num(best.bypass),
                      fmt_num(best.steering), fmt_num(best.kl, 4),
                      fmt_num(best.accuracy) if best.accuracy is not None else "—",
-                     str(best.rank) if method == "inlp" else "—", compress_layers(sel.scope_layers),
-                     ", ".join(best.filtered_out) or "passed",
+                     str(best.rank) if method == "inlp" else "—", _scope_layers_text(art, method),
+                     ", ".join(best.filtered_out) or "passed", str(len(sel.skipped)),
                      f"{n_val.get('harmful', '?')}/{n_val.get('harmless', '?')}" if n_val else "n/a",
                      fmt_num(sel.spearman) if sel.spearman is not None else "—"))
     cols = ("method", "position", "layer", "bypass", "steering", "KL", "INLP dev acc", "INLP k", "scope layers",
-            "filters", "val harmful/harmless", "Spearman local/global")
+            "filters", "skipped", "val harmful/harmless", "Spearman local/global")
     doc.html.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>" + "".join(
         "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in rows) + "</table>")
     doc.md.append("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
@@ -964,6 +1016,93 @@ def _notes(art: RunArtifacts) -> list[str]:
     return notes + art.notes
 
 
+def read_first_warnings(art: RunArtifacts) -> list[str]:
+    """The warnings that change how the report's tables must be read, from the run's artifacts.
+
+    In this order: a selection that fell back to an unfiltered candidate (``fallback_warning`` in
+    ``select/<method>.json``); a thin selection set (fewer than ``MIN_VAL_PROMPTS`` harmful or harmless
+    validation prompts after the refusal filter, ``n_val`` there); baseline attack success already at the
+    ceiling (at least ``CEILING_ATTACK_SUCCESS`` or an interval reaching 1); thin evaluation sets (a rate or
+    accuracy of the baseline on fewer than ``MIN_EVAL_ITEMS`` items); benchmarks whose baseline interval
+    includes chance (``chance_flags`` of ``evaluate/summary.json``). Both report pages show them at the top.
+    """
+    warnings = []
+    for method, raw in art.selection_raw.items():
+        if raw.get("fallback_warning"):
+            warnings.append(f"Selection fallback: {raw['fallback_warning']} The {METHOD_LABELS.get(method, method)} "
+                            "rows use a component that failed the selection filters.")
+    warnings += _thin_selection_warnings(art)
+    summary = art.summary or {}
+    metrics = summary.get("metrics") or {}
+    for mid in metrics:
+        base = _cell(summary, "baseline", mid) or {}
+        if not mid.startswith("attack_success/") or base.get("status") != "ok" or not is_number(base.get("value")):
+            continue
+        ci = base.get("ci") if isinstance(base.get("ci"), (list, tuple)) and len(base.get("ci")) == 2 else [None, None]
+        if base["value"] >= CEILING_ATTACK_SUCCESS or (is_number(ci[1]) and ci[1] >= 1.0):
+            warnings.append(f"Ceiling: baseline attack success on {mid.split('/', 1)[1]} is already {fmt_num(base['value'])} "
+                            f"{format_interval(ci)} (warned at {CEILING_ATTACK_SUCCESS:g} or an interval reaching 1): the model "
+                            "rarely refuses these prompts, so there is little refusal to remove and this column cannot show "
+                            "what removal does.")
+    thin = []
+    for mid in ordered_metrics(summary):
+        base = _cell(summary, "baseline", mid) or {}
+        n = base.get("n")
+        if (metrics.get(mid) or {}).get("kind") in ("rate", "accuracy") and base.get("status") == "ok" \
+                and isinstance(n, int) and 0 < n < MIN_EVAL_ITEMS:
+            thin.append((mid, n))
+    if thin:
+        by_n: dict[int, list[str]] = {}
+        for mid, n in sorted(thin, key=lambda t: -t[1]):
+            by_n.setdefault(n, []).append(mid)
+        smallest = min(by_n)
+        low, high = wilson_interval(smallest // 2, smallest)
+        warnings.append(f"Thin evaluation sets (under {MIN_EVAL_ITEMS} items): "
+                        + "; ".join(f"n={n}: {', '.join(mids)}" for n, mids in by_n.items())
+                        + f". With n={smallest} a 95% interval around 0.5 spans about ±{(high - low) / 2:.2f}: "
+                        "only large differences can show as significant.")
+    for mid, flag in (summary.get("chance_flags") or {}).items():
+        if (flag or {}).get("flagged"):
+            warnings.append(f"Chance level: {metric_label(summary, mid)} ({mid}): the baseline's interval "
+                            f"{format_interval(flag.get('baseline_ci')) or 'n/a'} includes chance ({fmt_num(flag.get('chance'), 2)}); "
+                            "this benchmark cannot show capability damage for this model.")
+    return warnings
+
+
+def _thin_selection_warnings(art: RunArtifacts) -> list[str]:
+    """One warning per distinct thin validation set of ``select/<method>.json`` (methods grouped)."""
+    groups: dict[tuple[Any, Any], list[str]] = {}
+    for method, raw in art.selection_raw.items():
+        n_val = raw.get("n_val") or {}
+        h, b = n_val.get("harmful"), n_val.get("harmless")
+        if any(isinstance(x, int) and x < MIN_VAL_PROMPTS for x in (h, b)):
+            groups.setdefault((h, b), []).append(METHOD_LABELS.get(method, method))
+    if not groups:
+        return []
+    prompts = _load_json(art.dir / "extract" / "prompts.json", [])
+    drawn = {h: len(prompts.get(f"{h}_val") or []) if isinstance(prompts, dict) else None for h in ("harmful", "harmless")}
+    filtered = art.config.get("filter_train", True)
+    out = []
+    for (h, b), methods in groups.items():
+        of = f" (of {drawn['harmful']} and {drawn['harmless']} drawn" + (", after the refusal filter)" if filtered else ")") \
+            if drawn["harmful"] else ""
+        out.append(f"Thin selection set: {', '.join(methods)} ranked candidates on {h} harmful and {b} harmless "
+                   f"validation prompts{of}; with under {MIN_VAL_PROMPTS} the bypass and KL scores are noisy and the "
+                   "chosen component may change with the sample. Draw more with --n-val (and --val-from-train "
+                   "beyond the 39 prompts of harmful_val).")
+    return out
+
+
+def _read_first(doc: _Doc, art: RunArtifacts) -> None:
+    """The "Read this first" box (HTML) / block quote (Markdown); nothing when there is no warning."""
+    warnings = read_first_warnings(art)
+    if not warnings:
+        return
+    doc.html.append('<div class="read-first" id="read-first"><h2>⚠ Read this first</h2><ul>'
+                    + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul></div>")
+    doc.md.append("> **⚠ Read this first**\n>\n" + "\n".join(f"> - {w}" for w in warnings) + "\n")
+
+
 def write_report(run_dir: Path) -> tuple[Path, Path]:
     """Write ``report/report.html`` (self-contained) and ``report/report.md`` (+ PNGs) for a run folder.
 
@@ -974,7 +1113,7 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
     doc = _Doc()
     _header(doc, art)
     sections: list[Callable[[_Doc, RunArtifacts], None]] = [
-        _results_table, _chance_section, _pareto_section, _selection_section, _inlp_section, _geometry_section,
+        _read_first, _results_table, _chance_section, _pareto_section, _selection_section, _inlp_section, _geometry_section,
         _per_category_section, _examples_section,
     ]
     for section in sections:
@@ -1016,6 +1155,10 @@ def compare_runs(run_dirs: list[Path], out: Path) -> Path:
                      f"<td>{html.escape(str((art.manifest or {}).get('key', 'n/a')))}</td>"
                      f"<td>{html.escape(str(art.config.get('preset', 'n/a')))}</td><td>{html.escape(status)}</td></tr>")
     parts.append("</table>")
+    warnings = [f"R{i}: {w}" for i, a in enumerate(arts, 1) for w in read_first_warnings(a)]
+    if warnings:
+        parts.append('<div class="read-first" id="read-first"><h2>⚠ Read this first</h2><ul>'
+                     + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul></div>")
     summaries = [a.summary or {} for a in arts]
     metrics: list[str] = []
     names: list[str] = []
@@ -1029,7 +1172,8 @@ def compare_runs(run_dirs: list[Path], out: Path) -> Path:
     footnotes: dict[str, int] = {}
     if metrics:
         parts.append('<p class="small">Value [95% interval] and significance vs that run\'s baseline '
-                     "(* p<0.05, ** p<0.01, *** p<0.001); — where a run lacks the intervention or metric; "
+                     "(* p<0.05, ** p<0.01, *** p<0.001; p-values Holm-adjusted within each run whose summary records "
+                     "p_adjustment); — where a run lacks the intervention or metric; "
                      "⚠ where the run flags the benchmark as not above chance.</p>")
         head = "<tr><th>metric</th><th>intervention</th>" + "".join(f"<th>R{i}</th>" for i in range(1, len(arts) + 1)) + "</tr>"
         rows = []

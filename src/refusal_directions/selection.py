@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -36,12 +36,28 @@ from .activations import refusal_score
 from .directions.base import DirectionSet
 from .interventions import Intervention, actadd_for, intervene, removal_for
 from .models import ModelAdapter
+from .scopes import Scope
 
 log = logging.getLogger(__name__)
 
 
+HookPointMode = Literal["full", "reference"]
+
+
+class SelectionError(RuntimeError):
+    """Selection cannot produce a trustworthy choice; the message says why and what to do."""
+
+
 @dataclass
 class SelectionSettings:
+    """How candidates are scored and filtered.
+
+    ``hook_points``: where a candidate's removal is applied while scoring its bypass and KL.
+    "full": every method at the block input and the write points (attention and MLP outputs)
+    of the layers it is applied at, as in the evaluated interventions. "reference": as the
+    reference tool, diff-in-means at those three points, INLP and LEACE at the block input only.
+    """
+
     kl_threshold: float = 0.1
     prune_layer_fraction: float = 0.2
     actadd_multipliers: Sequence[float] = (0.5, 1.0, 2.0)
@@ -49,6 +65,11 @@ class SelectionSettings:
     compare_rankings: bool = False
     batch_size: int = 32
     inlp_k: dict | None = None  # (pos index, layer) -> k, from the INLP k-policy
+    hook_points: HookPointMode = "full"
+
+    def hooks_writes(self, method: str) -> bool:
+        """Whether ``method``'s removal also edits the write points while scoring."""
+        return self.hook_points == "full" or method == "diff_in_means"
 
 
 @dataclass
@@ -142,6 +163,28 @@ def refusal_scores(adapter: ModelAdapter, instructions: Sequence[str], batch_siz
     return torch.cat(out)
 
 
+def candidate_issue(directions: DirectionSet, p: int, l: int, k: int | None) -> str | None:
+    """Why component (p, l) cannot be a candidate, or None.
+
+    ``k == 0``: the INLP k-policy keeps no direction there (the reference skips it); a zero-norm or
+    non-finite direction or eraser (e.g. layer 0 at a chat-template token, where every prompt has
+    the same activation and r = 0) would make its removal the identity or NaN.
+    """
+    if k == 0 or int(directions.rank[p, l]) == 0:
+        return "k=0" if k == 0 else "rank 0 (no classifier kept)"
+    direction = directions.direction[p, l]
+    if not bool(torch.isfinite(direction).all()) or not bool(torch.isfinite(directions.scale[p, l])):
+        return "non-finite direction"
+    largest = float(directions.scale.nan_to_num(0.0).max())
+    if float(direction.norm()) < 0.5 or float(directions.scale[p, l]) <= 1e-6 * largest:
+        return "zero-norm direction"
+    eraser = directions.eraser(p, l, k)
+    tensors = [eraser.left, eraser.right] + ([eraser.bias] if eraser.bias is not None else [])
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        return "non-finite eraser"
+    return None
+
+
 def score_candidates(
     adapter: ModelAdapter,
     directions: DirectionSet,
@@ -150,23 +193,25 @@ def score_candidates(
     settings: SelectionSettings,
     steering_norm: Callable[[int, int], float],
     reuse_steering: dict[tuple[int, int], tuple[float, dict]] | None = None,
+    skipped: list[dict] | None = None,
 ) -> list[Candidate]:
-    """Bypass, KL and steering scores for every (position, layer) of ``directions``.
+    """Bypass, KL and steering scores for every usable (position, layer) of ``directions``.
 
     ``steering_norm(p, l)``: the ActAdd scale ||r|| for that component. ``reuse_steering``: steering
     scores already computed for the same directions (LEACE steers along r̂, like diff-in-means).
+    Components with a ``candidate_issue`` are not scored: they are listed in ``skipped``
+    (dicts with position, layer and reason) when a list is given.
     """
-    P, L = directions.n_positions, directions.n_layers
-    k_of = settings.inlp_k or {}
-    cands = {(p, l): Candidate(p, directions.positions[p], l, rank=int(k_of.get((p, l), directions.rank[p, l])))
-             for p in range(P) for l in range(L)}
+    cands = usable_candidates(directions, settings.inlp_k or {}, skipped)
+    L = directions.n_layers
+    writes = settings.hooks_writes(directions.method)
     sums: dict[tuple[int, int], dict[str, float]] = {key: {} for key in cands}
 
     def add(key, metric, value: Tensor):
         sums[key][metric] = sums[key].get(metric, 0.0) + float(value.double().sum())
 
     local = settings.scoring == "local"
-    total = P * L * (len(harmful_val) + len(harmless_val))
+    total = len(cands) * (len(harmful_val) + len(harmless_val))
     with tqdm(total=total, desc=f"select {directions.method}", unit="cand·prompt", leave=False) as bar:
         for harmful, prompts in ((True, harmful_val), (False, harmless_val)):
             for start in range(0, len(prompts), settings.batch_size):
@@ -174,7 +219,7 @@ def score_candidates(
                 enc = adapter.encode_instructions(batch)
                 cache = _baseline_pass(adapter, enc)
                 for (p, l), cand in cands.items():
-                    removal = removal_for(directions, p, l, [l] if local else range(L), cand.rank)
+                    removal = removal_for(directions, p, l, [l] if local else range(L), cand.rank, writes=writes)
                     with intervene(adapter, removal):
                         logits = _logits_from_layer(adapter, cache, l) if local else _full_logits(adapter, enc)
                     if harmful:
@@ -203,18 +248,45 @@ def score_candidates(
     return list(cands.values())
 
 
+def usable_candidates(directions: DirectionSet, k_of: dict[tuple[int, int], int],
+                      skipped: list[dict] | None = None) -> dict[tuple[int, int], Candidate]:
+    """An unscored ``Candidate`` for every (p, l) without a ``candidate_issue``, keyed by (p, l)."""
+    cands = {}
+    for p in range(directions.n_positions):
+        for l in range(directions.n_layers):
+            k = int(k_of.get((p, l), directions.rank[p, l]))
+            issue = candidate_issue(directions, p, l, k)
+            if issue is None:
+                cands[(p, l)] = Candidate(p, directions.positions[p], l, rank=k)
+            elif skipped is not None:
+                skipped.append({"pos_index": p, "position": directions.positions[p], "layer": l, "reason": issue})
+    if not cands:
+        raise SelectionError(f"{directions.method}: no usable component (every one has a zero-norm or non-finite "
+                             "direction, or k = 0 under the INLP k-policy); nothing can be selected.")
+    return cands
+
+
 def global_bypass_scores(adapter: ModelAdapter, directions: DirectionSet, candidates: list[Candidate],
-                         harmful_val: Sequence[str], batch_size: int) -> None:
+                         harmful_val: Sequence[str], batch_size: int, writes: bool = True) -> None:
     """Fill ``global_bypass`` (removal at all layers) for ``--compare-rankings``."""
     for cand in tqdm(candidates, desc=f"global {directions.method}", leave=False):
-        removal = removal_for(directions, cand.pos_index, cand.layer, range(adapter.n_layers), cand.rank)
+        removal = removal_for(directions, cand.pos_index, cand.layer, range(adapter.n_layers), cand.rank, writes=writes)
         cand.global_bypass = float(refusal_scores(adapter, harmful_val, batch_size, removal).mean())
 
 
 # ---------------------------------------------------------------------- filter and rank
+def first_pruned_layer(n_layers: int, prune_layer_fraction: float) -> int:
+    """The first layer the late-layer filter discards (the reference's ``int(L * (1 - f))``)."""
+    return int(n_layers * (1 - prune_layer_fraction))
+
+
 def apply_filters(candidates: list[Candidate], n_layers: int, kl_threshold: float, prune_layer_fraction: float) -> None:
-    """Mark candidates the reference discards: KL > threshold, steering < 0, late layers, NaN."""
-    first_pruned = n_layers - int(prune_layer_fraction * n_layers)
+    """Mark candidates the reference discards: KL > threshold, steering < 0, late layers, NaN.
+
+    Late layers: ``layer >= int(n_layers * (1 - prune_layer_fraction))``, the reference's
+    arithmetic (24 layers: 19 and up; 28: 22; 32: 25).
+    """
+    first_pruned = first_pruned_layer(n_layers, prune_layer_fraction)
     for cand in candidates:
         reasons = []
         if any(math.isnan(v) for v in (cand.bypass, cand.kl, cand.steering)):
@@ -240,21 +312,27 @@ def rank_candidates(method: str, candidates: list[Candidate]) -> list[Candidate]
 
 @dataclass
 class MethodSelection:
-    """The outcome of selection for one method."""
+    """The outcome of selection for one method: the ranking and its best filtered component.
+
+    ``skipped``: components that were not candidates (dicts: pos_index, position, layer, reason).
+    ``hook_points``: the selection hook-point mode the scores were computed with.
+    """
 
     method: str
     ranked: list[Candidate]
     best: Candidate
     fallback_warning: str | None
-    scope_layers: list[int]
+    skipped: list[dict] = field(default_factory=list)
     spearman: float | None = None
+    hook_points: str = "full"
 
     def to_dict(self) -> dict:
         return {
             "method": self.method,
             "best": self.best.to_dict(),
             "fallback_warning": self.fallback_warning,
-            "scope_layers": self.scope_layers,
+            "skipped": self.skipped,
+            "hook_points": self.hook_points,
             "spearman_local_global": self.spearman,
             "ranked": [c.to_dict() for c in self.ranked],
         }
@@ -263,33 +341,41 @@ class MethodSelection:
     def from_dict(cls, d: dict) -> "MethodSelection":
         ranked = [Candidate.from_dict(c) for c in d["ranked"]]
         best = next(c for c in ranked if (c.pos_index, c.layer) == (d["best"]["pos_index"], d["best"]["layer"]))
-        return cls(d["method"], ranked, best, d["fallback_warning"], d["scope_layers"], d.get("spearman_local_global"))
+        return cls(d["method"], ranked, best, d["fallback_warning"], d.get("skipped", []),
+                   d.get("spearman_local_global"), d.get("hook_points", "full"))
 
 
-def choose(method: str, ranked: list[Candidate], n_layers: int, scope: str, top_fraction: float | None) -> MethodSelection:
-    """Best filtered component (fallback: best unfiltered, with a warning) and the scope's layers.
+def choose(method: str, ranked: list[Candidate]) -> MethodSelection:
+    """The best filtered component of ``ranked`` (fallback: the best unfiltered, with a warning).
 
-    Scope (DESIGN.md §7): "all" layers; "top": the layers of the first max(1, ceil(f * N)) entries
-    of the unfiltered ranked list; "one": the layer of its first entry.
+    Raises ``SelectionError`` when there is no candidate or every candidate's scores are NaN.
     """
+    if not ranked:
+        raise SelectionError(f"{method}: no candidate components to choose from.")
+    if all(any(math.isnan(v) for v in (c.bypass, c.kl, c.steering)) for c in ranked):
+        raise SelectionError(f"{method}: every candidate has a NaN score (a non-finite model output or "
+                             "direction); check the model's dtype (try --dtype float32) and the directions.")
     passing = [c for c in ranked if not c.filtered_out]
     warning = None
     if passing:
         best = passing[0]
     else:
-        best = ranked[0]
+        best = next(c for c in ranked if not any(math.isnan(v) for v in (c.bypass, c.kl, c.steering)))
         reasons = sorted({r for c in ranked for r in c.filtered_out})
         warning = (
             f"{method}: no candidate passed the filters ({', '.join(reasons)}); using the best unfiltered "
             f"candidate (position {best.position}, layer {best.layer})."
         )
         log.warning(warning)
-    if scope == "all":
-        layers = list(range(n_layers))
-    else:
-        n = 1 if scope == "one" else max(1, math.ceil((top_fraction or 0) * len(ranked)))
-        layers = sorted({c.layer for c in ranked[:n]})
-    return MethodSelection(method, ranked, best, warning, layers)
+    return MethodSelection(method, ranked, best, warning)
+
+
+# ---------------------------------------------------------------------- scopes
+def pool_size(selections: dict[str, MethodSelection]) -> int:
+    """The shared pool of the top-fraction scope: the shortest ranked list over the methods."""
+    if not selections:
+        raise SelectionError("No method was selected; nothing to scope.")
+    return min(len(s.ranked) for s in selections.values())
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -316,12 +402,10 @@ def select_method(
     harmful_val: Sequence[str],
     harmless_val: Sequence[str],
     settings: SelectionSettings,
-    scope: str = "all",
-    top_fraction: float | None = None,
     best_dim_norm: float | None = None,
     dim_steering: dict[tuple[int, int], tuple[float, dict]] | None = None,
 ) -> MethodSelection:
-    """Score, filter, rank and choose the components of one method.
+    """Score, filter, rank and choose the best component of one method.
 
     ``best_dim_norm``: ||r|| of the selected diff-in-means component, the ActAdd scale of the other
     methods (None: each component's own diff-in-means norm). ``dim_steering``: diff-in-means
@@ -333,11 +417,16 @@ def select_method(
     else:
         norm_fn = lambda p, l: best_dim_norm  # noqa: E731
     reuse = dim_steering if method == "leace" else None
-    cands = score_candidates(adapter, directions, harmful_val, harmless_val, settings, norm_fn, reuse)
+    skipped: list[dict] = []
+    cands = score_candidates(adapter, directions, harmful_val, harmless_val, settings, norm_fn, reuse, skipped)
+    if skipped:
+        log.warning("%s: %d components skipped (%s)", method, len(skipped),
+                    ", ".join(sorted({s["reason"] for s in skipped})))
     apply_filters(cands, adapter.n_layers, settings.kl_threshold, settings.prune_layer_fraction)
-    result = choose(method, rank_candidates(method, cands), adapter.n_layers, scope, top_fraction)
+    result = choose(method, rank_candidates(method, cands))
+    result.skipped, result.hook_points = skipped, settings.hook_points
     if settings.compare_rankings:
-        global_bypass_scores(adapter, directions, cands, harmful_val, settings.batch_size)
+        global_bypass_scores(adapter, directions, cands, harmful_val, settings.batch_size, settings.hooks_writes(method))
         result.spearman = spearman([c.bypass for c in cands], [c.global_bypass for c in cands])
     return result
 
@@ -353,8 +442,6 @@ def select_components(
     harmful_val: Sequence[str],
     harmless_val: Sequence[str],
     settings: SelectionSettings,
-    scope: str = "all",
-    top_fraction: float | None = None,
 ) -> dict[str, MethodSelection]:
     """``select_method`` for every method, diff-in-means first (it fixes ||r_best|| for the others)."""
     results: dict[str, MethodSelection] = {}
@@ -362,8 +449,7 @@ def select_components(
     for method in sorted(direction_sets, key=lambda m: m != "diff_in_means"):
         directions = direction_sets[method]
         method_settings = replace(settings, inlp_k=settings.inlp_k if method == "inlp" else None)
-        result = select_method(adapter, directions, harmful_val, harmless_val, method_settings, scope,
-                               top_fraction, best_norm, dim_steering)
+        result = select_method(adapter, directions, harmful_val, harmless_val, method_settings, best_norm, dim_steering)
         if method == "diff_in_means":
             best_norm = float(directions.scale[result.best.pos_index, result.best.layer])
             dim_steering = steering_table(result)

@@ -466,11 +466,15 @@ def k_for_policy(directions: DirectionSet, policy: KPolicy, k: int | None = None
         policy: ``"none"``: all (the rank); ``"fixed"``: min(k, rank); ``"acc99"`` / ``"acc95"``:
             the number of classifiers whose dev accuracy is ≥ 0.99 / 0.95, counted over all the
             recorded accuracies (not only a leading run; INLP accuracies usually fall, so the two
-            rarely differ), then clipped to at least 1 and at most the rank (0 when the rank is 0).
+            rarely differ), at most the rank. A count of 0 stays 0: selection skips that
+            component, as the reference does (it is not clamped to 1).
         k: the k of the "fixed" policy (≥ 0).
 
     Returns:
-        [P, L] int64.
+        [P, L] int64. P restricted to k keeps the first k classifier directions exactly
+        (I - V_k V_kᵀ, V_k an orthonormal basis of the first k classifiers); the reference
+        rebuilds P from an SVD of those classifiers' summed rowspace projections, which can
+        add spurious dimensions (DESIGN.md §11, docs/reference_parity.md).
     """
     rank = directions.rank.long()
     if policy == "none":
@@ -484,4 +488,4 @@ def k_for_policy(directions: DirectionSet, policy: KPolicy, k: int | None = None
         raise ValueError(f"Unknown k policy {policy!r}; choose none, fixed, acc99 or acc95.")
     accuracies = directions.extras["accuracies"]
     count = (accuracies >= thresholds[policy]).sum(-1).long()  # NaN compares False
-    return torch.minimum(count.clamp(min=1), rank)
+    return torch.minimum(count, rank)
