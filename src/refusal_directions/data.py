@@ -16,6 +16,7 @@ Record shapes by kind:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -128,6 +129,71 @@ def data_dir_from_env() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def data_root(data_dir: str | Path | None) -> Path | None:
+    """The mirror ``load_dataset`` reads: ``data_dir``, else ``$REFUSAL_DIRECTIONS_DATA``; None: the hub."""
+    return Path(data_dir).expanduser() if data_dir is not None else data_dir_from_env()
+
+
+# ------------------------------------------------------------------ data identity (artifact keys)
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, computed once per process for each (path, mtime, size)."""
+    stat = path.stat()
+    cache_key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+    if cache_key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _HASHES[cache_key] = digest.hexdigest()
+    return _HASHES[cache_key]
+
+
+def _local_files(spec: DatasetSpec, path: Path, split: str | None) -> list[Path]:
+    """The files ``_load_local`` reads for ``spec`` at ``path`` (an MMLU split is a folder of CSVs)."""
+    if spec.kind == "mmlu":
+        return sorted(path.glob(f"*_{split or 'test'}.csv"))
+    return [path] if path.is_file() else []
+
+
+def _files_digest(files: Sequence[Path]) -> str:
+    """One hash of several files' names and contents (names matter: MMLU subjects come from them)."""
+    if len(files) == 1:
+        return file_sha256(files[0])
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}\0{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def dataset_identity(name: str, data_dir: str | Path | None = None, *, split: str | None = None) -> dict[str, Any]:
+    """What ``load_dataset(name, data_dir, split=split)`` reads, independent of where a mirror lies.
+
+    A local mirror: ``{"source": "mirror", "sha256": <hash of the files read>}``; a ``.json`` /
+    ``.jsonl`` path: ``{"source": "file", "sha256": ...}``; the public source: ``{"source": "hub",
+    "hub": <id or URL>, "config": ..., "split": ...}`` (the hub revision is not pinned: the latest is
+    read). A file that is missing gets ``"missing"`` instead of ``"sha256"``: loading it raises.
+    """
+    if name.endswith((".json", ".jsonl")) and name not in REGISTRY:
+        path = Path(name).expanduser()
+        return {"source": "file", **({"sha256": file_sha256(path)} if path.is_file() else {"missing": name})}
+    spec = REGISTRY.get(name)
+    if spec is None:
+        return {"source": "unknown", "name": name}
+    split = split or (spec.splits[0] if spec.splits else None)
+    root = data_root(data_dir)
+    if root is None:
+        hub_split = (spec.hub_split or "train").format(split=split) if not spec.hub.startswith("https://") else None
+        return {"source": "hub", "hub": spec.hub, "config": spec.hub_config, "split": hub_split}
+    if spec.local is None:
+        return {"source": "mirror", "missing": "not mirrored"}
+    relative = spec.local.format(split=split)
+    files = _local_files(spec, root / relative, split)
+    return {"source": "mirror", **({"sha256": _files_digest(files)} if files else {"missing": relative})}
+
+
 def load_dataset(
     name: str,
     data_dir: str | Path | None = None,
@@ -151,7 +217,7 @@ def load_dataset(
         split = split or spec.splits[0]
         if split not in spec.splits:
             raise DataError(f"{name} has splits {spec.splits}, not {split!r}.")
-    root = Path(data_dir).expanduser() if data_dir is not None else data_dir_from_env()
+    root = data_root(data_dir)
     if root is not None:
         if spec.local is None:
             raise DatasetUnavailable(
