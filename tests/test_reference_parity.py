@@ -192,3 +192,14 @@ def test_protocol_reference_sets_every_reference_behaviour():
     assert explicit.scope_list == ["all"]  # an explicit flag overrides the protocol
     shortcut, _ = build_config({"protocol": "reference", "just_one": True}, gpu_available=False)
     assert shortcut.scope_list == ["one"]
+
+
+def test_scope_shortcuts_and_explicit_scopes():
+    config, _ = build_config({"scopes": ["one"], "top_fraction": None, "just_one": False}, gpu_available=True)
+    assert config.scope_list == ["one"]  # unset shortcuts do not conflict with --scopes
+    from refusal_directions.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not both"):
+        build_config({"scopes": ["one"], "top_fraction": 0.5}, gpu_available=True)
+    with pytest.raises(ConfigError, match="Unknown scope"):
+        build_config({"scopes": ["top:2"]}, gpu_available=True)

@@ -359,10 +359,11 @@ def build_config(
     protocol = values.get("protocol", "ours")
     if protocol not in PROTOCOLS:
         raise ConfigError(f"Unknown protocol {protocol!r}; choose ours or reference.")
-    if "scopes" in values and ("just_one" in values or "top_fraction" in values):
+    shortcut = bool(values.get("just_one")) or values.get("top_fraction") is not None
+    if "scopes" in values and shortcut:
         raise ConfigError("Give --scopes or one of its shortcuts (--just-one, --top-fraction), not both.")
     merged = {**PRESETS[preset], **PROTOCOLS[protocol], **values, "preset": preset}
-    if values.get("just_one") or values.get("top_fraction") is not None:
+    if shortcut:
         merged.pop("scopes", None)  # a shortcut replaces the preset's or protocol's scopes
     unknown = sorted(set(merged) - field_names())
     if unknown:
