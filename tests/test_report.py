@@ -363,10 +363,9 @@ def test_read_first_warns_about_thin_selection_sets_and_a_baseline_at_the_ceilin
         "reaching 1): the model rarely refuses these prompts, so there is little refusal to remove and this column "
         "cannot show what removal does.",
     ]
-    page = write_report(folder)[0].read_text()
-    assert page.index("Thin selection set: diff-in-means, LEACE") < page.index('id="results"')
-    assert page.index("Ceiling: baseline attack success on advbench") < page.index('id="results"')
+    # (the report's box is checked above; write_report renders every plot, compare_runs none)
     compared = compare_runs([folder], tmp_path / "compare.html").read_text()
+    assert compared.index("R1: Thin selection set: diff-in-means, LEACE") < compared.index('class="results"')
     assert compared.index("R1: Ceiling: baseline attack success on advbench") < compared.index('class="results"')
 
 

@@ -1026,47 +1026,12 @@ def read_first_warnings(art: RunArtifacts) -> list[str]:
     accuracy of the baseline on fewer than ``MIN_EVAL_ITEMS`` items); benchmarks whose baseline interval
     includes chance (``chance_flags`` of ``evaluate/summary.json``). Both report pages show them at the top.
     """
-    warnings = []
-    for method, raw in art.selection_raw.items():
-        if raw.get("fallback_warning"):
-            warnings.append(f"Selection fallback: {raw['fallback_warning']} The {METHOD_LABELS.get(method, method)} "
-                            "rows use a component that failed the selection filters.")
-    warnings += _thin_selection_warnings(art)
+    warnings = [f"Selection fallback: {raw['fallback_warning']} The {METHOD_LABELS.get(method, method)} rows use a "
+                "component that failed the selection filters."
+                for method, raw in art.selection_raw.items() if raw.get("fallback_warning")]
     summary = art.summary or {}
-    metrics = summary.get("metrics") or {}
-    for mid in metrics:
-        base = _cell(summary, "baseline", mid) or {}
-        if not mid.startswith("attack_success/") or base.get("status") != "ok" or not is_number(base.get("value")):
-            continue
-        ci = base.get("ci") if isinstance(base.get("ci"), (list, tuple)) and len(base.get("ci")) == 2 else [None, None]
-        if base["value"] >= CEILING_ATTACK_SUCCESS or (is_number(ci[1]) and ci[1] >= 1.0):
-            warnings.append(f"Ceiling: baseline attack success on {mid.split('/', 1)[1]} is already {fmt_num(base['value'])} "
-                            f"{format_interval(ci)} (warned at {CEILING_ATTACK_SUCCESS:g} or an interval reaching 1): the model "
-                            "rarely refuses these prompts, so there is little refusal to remove and this column cannot show "
-                            "what removal does.")
-    thin = []
-    for mid in ordered_metrics(summary):
-        base = _cell(summary, "baseline", mid) or {}
-        n = base.get("n")
-        if (metrics.get(mid) or {}).get("kind") in ("rate", "accuracy") and base.get("status") == "ok" \
-                and isinstance(n, int) and 0 < n < MIN_EVAL_ITEMS:
-            thin.append((mid, n))
-    if thin:
-        by_n: dict[int, list[str]] = {}
-        for mid, n in sorted(thin, key=lambda t: -t[1]):
-            by_n.setdefault(n, []).append(mid)
-        smallest = min(by_n)
-        low, high = wilson_interval(smallest // 2, smallest)
-        warnings.append(f"Thin evaluation sets (under {MIN_EVAL_ITEMS} items): "
-                        + "; ".join(f"n={n}: {', '.join(mids)}" for n, mids in by_n.items())
-                        + f". With n={smallest} a 95% interval around 0.5 spans about ±{(high - low) / 2:.2f}: "
-                        "only large differences can show as significant.")
-    for mid, flag in (summary.get("chance_flags") or {}).items():
-        if (flag or {}).get("flagged"):
-            warnings.append(f"Chance level: {metric_label(summary, mid)} ({mid}): the baseline's interval "
-                            f"{format_interval(flag.get('baseline_ci')) or 'n/a'} includes chance ({fmt_num(flag.get('chance'), 2)}); "
-                            "this benchmark cannot show capability damage for this model.")
-    return warnings
+    return [*warnings, *_thin_selection_warnings(art), *_ceiling_warnings(summary), *_thin_evaluation_warnings(summary),
+            *_chance_warnings(summary)]
 
 
 def _thin_selection_warnings(art: RunArtifacts) -> list[str]:
@@ -1080,17 +1045,61 @@ def _thin_selection_warnings(art: RunArtifacts) -> list[str]:
     if not groups:
         return []
     prompts = _load_json(art.dir / "extract" / "prompts.json", [])
-    drawn = {h: len(prompts.get(f"{h}_val") or []) if isinstance(prompts, dict) else None for h in ("harmful", "harmless")}
-    filtered = art.config.get("filter_train", True)
+    drawn = ""
+    if isinstance(prompts, dict) and prompts.get("harmful_val"):
+        after = ", after the refusal filter" if art.config.get("filter_train", True) else ""
+        drawn = f" (of {len(prompts['harmful_val'])} and {len(prompts.get('harmless_val') or [])} drawn{after})"
+    return [f"Thin selection set: {', '.join(methods)} ranked candidates on {h} harmful and {b} harmless validation "
+            f"prompts{drawn}; with under {MIN_VAL_PROMPTS} the bypass and KL scores are noisy and the chosen component "
+            "may change with the sample. Draw more with --n-val (and --val-from-train beyond the 39 prompts of "
+            "harmful_val)." for (h, b), methods in groups.items()]
+
+
+def _ok_baseline(summary: dict, metric_id: str) -> dict | None:
+    cell = _cell(summary, "baseline", metric_id)
+    return cell if cell and cell.get("status") == "ok" and is_number(cell.get("value")) else None
+
+
+def _ceiling_warnings(summary: dict) -> list[str]:
+    """Harmful sets whose baseline attack success leaves little refusal to remove."""
     out = []
-    for (h, b), methods in groups.items():
-        of = f" (of {drawn['harmful']} and {drawn['harmless']} drawn" + (", after the refusal filter)" if filtered else ")") \
-            if drawn["harmful"] else ""
-        out.append(f"Thin selection set: {', '.join(methods)} ranked candidates on {h} harmful and {b} harmless "
-                   f"validation prompts{of}; with under {MIN_VAL_PROMPTS} the bypass and KL scores are noisy and the "
-                   "chosen component may change with the sample. Draw more with --n-val (and --val-from-train "
-                   "beyond the 39 prompts of harmful_val).")
+    for mid in summary.get("metrics") or {}:
+        base = _ok_baseline(summary, mid) if mid.startswith("attack_success/") else None
+        if base is None:
+            continue
+        ci = base.get("ci")
+        high = ci[1] if isinstance(ci, (list, tuple)) and len(ci) == 2 else None
+        if base["value"] >= CEILING_ATTACK_SUCCESS or (is_number(high) and high >= 1.0):
+            out.append(f"Ceiling: baseline attack success on {mid.split('/', 1)[1]} is already {fmt_num(base['value'])} "
+                       f"{format_interval(ci)} (warned at {CEILING_ATTACK_SUCCESS:g} or an interval reaching 1): the model "
+                       "rarely refuses these prompts, so there is little refusal to remove and this column cannot show "
+                       "what removal does.")
     return out
+
+
+def _thin_evaluation_warnings(summary: dict) -> list[str]:
+    """One warning listing the rates and accuracies measured on fewer than ``MIN_EVAL_ITEMS`` items."""
+    metrics = summary.get("metrics") or {}
+    by_n: dict[int, list[str]] = {}
+    for mid in ordered_metrics(summary):
+        base = _ok_baseline(summary, mid)
+        n = (base or {}).get("n")
+        if (metrics.get(mid) or {}).get("kind") in ("rate", "accuracy") and isinstance(n, int) and 0 < n < MIN_EVAL_ITEMS:
+            by_n.setdefault(n, []).append(mid)
+    if not by_n:
+        return []
+    smallest = min(by_n)
+    low, high = wilson_interval(smallest // 2, smallest)
+    groups = "; ".join(f"n={n}: {', '.join(by_n[n])}" for n in sorted(by_n, reverse=True))
+    return [f"Thin evaluation sets (under {MIN_EVAL_ITEMS} items): {groups}. With n={smallest} a 95% interval around 0.5 "
+            f"spans about ±{(high - low) / 2:.2f}: only large differences can show as significant."]
+
+
+def _chance_warnings(summary: dict) -> list[str]:
+    return [f"Chance level: {metric_label(summary, mid)} ({mid}): the baseline's interval "
+            f"{format_interval(flag.get('baseline_ci')) or 'n/a'} includes chance ({fmt_num(flag.get('chance'), 2)}); "
+            "this benchmark cannot show capability damage for this model."
+            for mid, flag in (summary.get("chance_flags") or {}).items() if (flag or {}).get("flagged")]
 
 
 def _read_first(doc: _Doc, art: RunArtifacts) -> None:

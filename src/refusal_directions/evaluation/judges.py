@@ -390,7 +390,12 @@ class GenerativeJudge:
 
     @torch.inference_mode()
     def generate(self, texts: Sequence[str], batch_size: int | None = None) -> list[str]:
-        """Greedy answers (``max_new_tokens``) for already-built judge inputs, batched, left padding."""
+        """Greedy answers (``max_new_tokens``) for already-built judge inputs, batched, left padding.
+
+        Pure greedy decoding with transformers (``generation.greedy_generate``): the judge's own
+        generation_config contributes only its EOS ids. vLLM gets explicit greedy ``SamplingParams``
+        (temperature 0, vLLM's neutral defaults for every penalty and filter).
+        """
         encoded = self.encode(texts)
         if self.backend == "vllm":
             from vllm import SamplingParams
@@ -398,9 +403,13 @@ class GenerativeJudge:
             params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens)
             outputs = self.model.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
             return [o.outputs[0].text for o in outputs]
+        from ..generation import eos_token_ids, greedy_generate, greedy_generation_config
+
         batch_size = batch_size or self.batch_size
         device = self.model.get_input_embeddings().weight.device
         pad = self.tokenizer.pad_token_id
+        # a fresh greedy config: nothing of the judge's own generation_config changes its answers
+        config = greedy_generation_config(self.max_new_tokens, eos_token_ids(self.model, self.tokenizer), pad)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         answers: list[str] = [""] * len(encoded)
         for start in tqdm(range(0, len(order), batch_size), desc=f"{self.name} judge", leave=False):
@@ -411,13 +420,7 @@ class GenerativeJudge:
             for row, i in enumerate(batch):
                 ids[row, width - len(encoded[i]) :] = torch.as_tensor(encoded[i])
                 mask[row, width - len(encoded[i]) :] = 1
-            out = self.model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-            )
+            out = greedy_generate(self.model, {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, config)
             for row, i in enumerate(batch):
                 answers[i] = self.tokenizer.decode(out[row, width:], skip_special_tokens=True)
         return answers

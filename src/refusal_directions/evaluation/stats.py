@@ -7,6 +7,9 @@
   variant (with continuity correction) is available with ``exact=False``.
 * ``paired_bootstrap_test``: the difference of two paired means (losses, accuracies), its
   percentile interval, and a two-sided bootstrap p-value.
+* ``wilson_interval``: Wilson score interval of a binomial rate (valid at 0 and n successes,
+  where a bootstrap interval collapses to a point).
+* ``holm``: Holm's step-down adjustment of a family of p-values (family-wise error control).
 
 Every function takes a ``seed`` and gives the same answer for the same inputs and seed.
 """
@@ -14,6 +17,7 @@ Every function takes a ``seed`` and gives the same answer for the same inputs an
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from typing import Sequence
 
 import numpy as np
@@ -221,6 +225,48 @@ def paired_bootstrap_test(
         "n_boot": n_boot,
         "seed": seed,
     }
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``successes / n``.
+
+    With ``z`` the two-sided normal quantile of ``confidence`` and ``p = successes / n``, the bounds
+    are ``(p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)``. Unlike a bootstrap or Wald interval
+    it stays informative at the edges: 0/n gives ``[0, z²/(n + z²)]`` (0/32: [0, 0.1072]), n/n gives
+    ``[n/(n + z²), 1]``. The bounds at 0 and n successes are exactly 0 and 1.
+
+    Raises ``ValueError`` for ``n < 1`` or ``successes`` outside ``[0, n]``.
+    """
+    if n < 1:
+        raise ValueError("no outcomes")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes {successes} outside [0, {n}]")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    p = successes / n
+    z2n = z * z / n
+    centre = (p + z2n / 2.0) / (1.0 + z2n)
+    half = z * math.sqrt(p * (1.0 - p) / n + z2n / (4.0 * n)) / (1.0 + z2n)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment: adjusted p-values controlling the family-wise error rate.
+
+    The ``m`` finite p-values sorted ascending, ``p_(1) <= ... <= p_(m)``, are adjusted to
+    ``max_{j <= i} min(1, (m - j + 1) p_(j))``; rejecting where the adjusted value is below alpha is
+    Holm's procedure at level alpha. Entries that are None or NaN (no test) are not part of the family
+    and come back unchanged; the output is in the input's order.
+    """
+    finite = [(p, i) for i, p in enumerate(p_values) if p is not None and math.isfinite(p)]
+    m = len(finite)
+    out: list[float | None] = list(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(sorted(finite)):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
 
 
 def includes(interval: dict, value: float) -> bool:

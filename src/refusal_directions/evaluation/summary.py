@@ -1,18 +1,21 @@
 """Turn per-item outcomes into the table cells of ``evaluate/summary.json``.
 
-A cell is ``{"status": "ok", "value", "ci": [lo, hi], "n", "p_vs_baseline", "test"}`` or
-``{"status": "not run", "reason"}``. Rates and accuracies are compared with the baseline by
-McNemar's exact test on per-item outcomes (the same prompts or questions); losses by a paired
-bootstrap over documents (token-weighted).
+A cell is ``{"status": "ok", "value", "ci": [lo, hi], "ci_method", "n", "p_vs_baseline", "test"}``
+or ``{"status": "not run", "reason"}``. Rates and accuracies get a Wilson score interval (valid at 0
+and 1) and are compared with the baseline by McNemar's exact test on per-item outcomes (the same
+prompts or questions); losses get a percentile bootstrap over documents and a paired bootstrap test
+(both token-weighted). ``adjust_p_values`` then replaces every ``p_vs_baseline`` of a table by its
+Holm-adjusted value, keeping the unadjusted one as ``p_raw``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 
-from .stats import bootstrap_ci, mcnemar_test, paired_bootstrap_test
+from .stats import bootstrap_ci, holm, mcnemar_test, paired_bootstrap_test, wilson_interval
 
 METRICS: dict[str, dict] = {
     "harmless_refusal": {"label": "Refusal on harmless prompts (substring)", "kind": "rate", "better": "lower", "group": "refusal"},
@@ -39,10 +42,14 @@ def not_run(reason: str) -> dict:
 
 
 def binary_cell(outcomes: Sequence[bool], baseline: Sequence[bool] | None, seed: int) -> dict:
-    """Rate of True outcomes with a bootstrap interval and McNemar's p against the baseline."""
-    values = np.asarray(outcomes, dtype=float)
-    ci = bootstrap_ci(values, seed=seed)
-    cell = {"status": "ok", "value": float(values.mean()), "ci": [ci["low"], ci["high"]], "n": int(len(values)),
+    """Rate of True outcomes with a 95% Wilson interval and McNemar's p against the baseline.
+
+    ``seed`` is unused (the interval is closed-form, not resampled); it is kept so that every cell
+    builder has the same signature.
+    """
+    values = np.asarray(outcomes, dtype=bool).reshape(-1)
+    low, high = wilson_interval(int(values.sum()), int(values.size))
+    cell = {"status": "ok", "value": float(values.mean()), "ci": [low, high], "ci_method": "wilson", "n": int(values.size),
             "p_vs_baseline": None, "test": None}
     if baseline is not None and len(baseline) == len(values):
         cell["p_vs_baseline"] = float(mcnemar_test(baseline, outcomes)["p_value"])
@@ -56,12 +63,34 @@ def loss_cell(doc_losses: Sequence[float], doc_tokens: Sequence[int], baseline: 
     losses, tokens = np.asarray(doc_losses, float), np.asarray(doc_tokens, float)
     ci = bootstrap_ci(losses, weights=tokens, seed=seed)
     cell = {"status": "ok", "value": float((losses * tokens).sum() / tokens.sum()), "ci": [ci["low"], ci["high"]],
-            "n": int(len(losses)), "p_vs_baseline": None, "test": None}
+            "ci_method": "bootstrap", "n": int(len(losses)), "p_vs_baseline": None, "test": None}
     if baseline is not None and len(baseline[0]) == len(losses):
         test = paired_bootstrap_test(baseline[0], losses, weights=tokens, seed=seed)
         cell["p_vs_baseline"] = float(test["p_value"])
         cell["test"] = "paired_bootstrap"
     return cell
+
+
+def adjust_p_values(results: dict[str, dict[str, dict]], baseline: str = "baseline") -> dict:
+    """Holm-adjust every ``p_vs_baseline`` of a summary table in place, as one family.
+
+    The family is every "ok" cell of every non-baseline intervention with a finite p-value (all
+    interventions × metrics). Each such cell keeps its unadjusted p-value as ``p_raw`` and gets the
+    adjusted one in ``p_vs_baseline``; cells without a test are left alone. A cell that already has
+    ``p_raw`` is adjusted from it, so a second call changes nothing. Returns the description stored
+    as the summary's ``p_adjustment``: ``{"method": "holm", "m": family size, "family"}``.
+    """
+    cells = [cell for name, row in results.items() if name != baseline for cell in row.values()
+             if cell.get("status") == "ok" and _finite(cell.get("p_raw", cell.get("p_vs_baseline")))]
+    raw = [float(cell.get("p_raw", cell["p_vs_baseline"])) for cell in cells]
+    for cell, p, adjusted in zip(cells, raw, holm(raw)):
+        cell["p_raw"] = p
+        cell["p_vs_baseline"] = adjusted
+    return {"method": "holm", "m": len(cells), "family": "every non-baseline intervention x metric with a paired test"}
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def chance_flag(cell: dict, chance: float) -> dict:
