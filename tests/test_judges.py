@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from refusal_directions.evaluation import judges
 from refusal_directions.evaluation.judges import (
@@ -21,6 +22,7 @@ from refusal_directions.evaluation.judges import (
     run_guard_judge,
     run_safety_judge,
 )
+from greedy_reference import argmax_decode, leaky_settings, make_eos_prone, save_with_generation_config
 from tiny import make_model, make_tokenizer
 
 # A LlamaGuard-style template: the conversation wrapped in a task description.
@@ -126,8 +128,10 @@ def fake_generate(guard_judge, seen: list):
     """Stand-in for model.generate: reads each row's real (unpadded) tokens and answers by content."""
     tokenizer = guard_judge.tokenizer
 
-    def generate(input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id, **kwargs):
-        assert not do_sample and (attention_mask[:, -1] == 1).all()  # left padding
+    def generate(input_ids, attention_mask, generation_config=None, **kwargs):
+        config = generation_config if generation_config is not None else GenerationConfig(**kwargs)
+        max_new_tokens, pad_token_id = config.max_new_tokens, config.pad_token_id
+        assert config.do_sample is False and (attention_mask[:, -1] == 1).all()  # greedy, left padding
         answers = []
         for ids, mask in zip(input_ids, attention_mask):
             assert mask.tolist() == sorted(mask.tolist())  # zeros first, then ones
@@ -207,3 +211,44 @@ def test_harmbench_prompt_and_path(guard_path):
     assert judges.JUDGES["harmbench"] is HarmBenchJudge
     assert judges.judge_class("cais/HarmBench-Llama-2-13b-cls") is HarmBenchJudge
     assert judges.judge_class("meta-llama/Llama-Guard-3-8B") is LlamaGuardJudge
+
+
+# ------------------------------------------------------------------ pure greedy decoding in the judges
+JUDGE_NEW_TOKENS = 6
+JUDGE_SETTINGS = ["repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "bad_words_ids", "forced_eos_token_id",
+                  "sampling_temperature", "qwen2.5_instruct", "everything"]
+
+
+@pytest.fixture(scope="module")
+def eos_prone_guard():
+    """A tiny guard-style model whose argmax answer to the first input stops at EOS on its third token."""
+    model = make_model("llama", n_layers=2, d_model=32)
+    model.config.max_position_embeddings = 2048
+    tokenizer = make_tokenizer(chat_template=GUARD_TEMPLATE)
+    judge = LlamaGuardJudge(model, tokenizer)
+    inputs = judge.build_inputs(PROMPTS, RESPONSES)
+    encoded = judge.encode(inputs)
+    eos = tokenizer.eos_token_id
+    make_eos_prone(model, argmax_decode(model, encoded[0], JUDGE_NEW_TOKENS, [])[2], eos)
+    references = [argmax_decode(model, ids, JUDGE_NEW_TOKENS, {eos}) for ids in encoded]
+    assert references[0][-1] == eos and len(references[0]) == 3
+    assert any(len(r) == JUDGE_NEW_TOKENS for r in references)
+    return model, tokenizer, inputs, references
+
+
+@pytest.mark.parametrize(
+    "name, judge_class",
+    # GenerativeJudge.generate decodes through generation.greedy_generate, which test_generation checks on
+    # every setting: here a few that leak through a plain model.generate call, for both judges
+    [(name, LlamaGuardJudge) for name in JUDGE_SETTINGS] + [(name, HarmBenchJudge) for name in ("min_new_tokens", "everything")],
+)
+def test_the_judges_generation_config_never_changes_greedy_answers(eos_prone_guard, tmp_path, monkeypatch, name, judge_class):
+    """A judge checkpoint whose generation_config sets hub-style settings still answers by plain argmax decoding."""
+    model, tokenizer, inputs, references = eos_prone_guard
+    save_with_generation_config(model, tmp_path, leaky_settings(references[1])[name])
+    tokenizer.save_pretrained(tmp_path)
+    judge = judge_class.load(str(tmp_path), device="cpu", batch_size=3)
+    assert judge.model.generation_config.to_dict()["eos_token_id"] == tokenizer.eos_token_id
+    monkeypatch.setattr(judge, "max_new_tokens", JUDGE_NEW_TOKENS)
+    expected = [tokenizer.decode(r, skip_special_tokens=True) for r in references]
+    assert judge.generate(inputs) == expected

@@ -1,32 +1,213 @@
-"""Batched greedy generation (left padding), under whatever intervention the caller installed."""
+"""Batched greedy generation (left padding), under whatever intervention the caller installed.
+
+Pure greedy decoding
+    Every ``generate`` call (here and in the generative judges) starts from a fresh
+    ``GenerationConfig`` (``greedy_generation_config``): argmax decoding of ``max_new_tokens``
+    tokens, stopping at the given EOS ids. Nothing of the model's own ``generation_config``
+    (hub checkpoints ship ``repetition_penalty``, ``temperature``, ``top_k``, ``top_p``,
+    ``min_length``, ``bad_words_ids``, forced tokens, beams ...) may change the tokens. In
+    transformers 5 a passed config is *merged* with the model's one: every field left ``None``
+    is filled from ``model.generation_config`` (``GenerationMixin._prepare_generation_config``).
+    So the fields with a neutral value are set to it explicitly (``GREEDY_NEUTRAL``), and for
+    the fields whose only neutral value is ``None`` (``bad_words_ids``, ``suppress_tokens``,
+    ``forced_eos_token_id``, ``sequence_bias``, ``stop_strings``, ``max_time`` ...)
+    ``greedy_generate`` hides the model's config during the call (an empty one stands in).
+
+Stop tokens
+    Only special tokens stop generation (``stop_token_ids``): the EOS ids of the model's
+    generation config, its config and the tokenizer, plus the chat template's end-of-turn
+    token when that is a special token of the tokenizer (``end_of_turn_token_id``: the first
+    special token the template writes after an assistant message, e.g. ChatML ``<|im_end|>``,
+    Llama-3 ``<|eot_id|>``, Gemma ``<end_of_turn>``; Llama-2 and Mistral templates end an
+    assistant turn with EOS itself, and Mistral's ``[/INST]`` control token, which ends the
+    *user's* turn, is not a stop token). An ordinary token (the space or ``[`` of Llama-2's
+    `` [/INST]``) never stops generation.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .models import ModelAdapter
 
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
+
 log = logging.getLogger(__name__)
+
+#: Values of ``GenerationConfig`` fields under which they leave greedy decoding untouched (those of
+#: ``GenerationConfig._get_default_generation_params`` where it has them), set explicitly so that a
+#: model's own generation_config cannot fill them in.
+GREEDY_NEUTRAL: dict[str, Any] = {
+    "do_sample": False,
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "num_return_sequences": 1,
+    "diversity_penalty": 0.0,
+    "early_stopping": False,
+    "length_penalty": 1.0,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_new_tokens": 0,  # transformers then sets min_length to the prompt length: neutral too
+    "guidance_scale": 1.0,
+    "renormalize_logits": False,
+    "remove_invalid_values": False,
+    "token_healing": False,
+    "use_cache": True,
+    "output_attentions": False,
+    "output_hidden_states": False,
+    "output_scores": False,
+    "output_logits": False,
+    "return_dict_in_generate": False,
+}
 
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def stop_token_ids(adapter: ModelAdapter) -> list[int]:
-    """EOS ids of the generation config and the tokenizer, plus the template's end-of-turn token."""
+def _as_id_list(value: Any) -> list[int]:
+    """An ``eos_token_id``-style value (None, an int, a list or a tensor of ints) as a list of ints."""
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.flatten().tolist()]
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)]
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """EOS ids of the model's generation config, of its config and of the tokenizer, sorted, without repeats."""
     ids: list[int] = []
-    for source in (getattr(adapter.model, "generation_config", None), adapter.model.config):
-        eos = getattr(source, "eos_token_id", None)
-        ids.extend(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    if adapter.tokenizer.eos_token_id is not None:
-        ids.append(adapter.tokenizer.eos_token_id)
-    ids.append(adapter.eoi_token_ids[0])  # the template's end-of-user-turn token also ends assistant turns
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        ids.extend(_as_id_list(getattr(source, "eos_token_id", None)))
+    ids.extend(_as_id_list(tokenizer.eos_token_id))
     return sorted(set(ids))
+
+
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens: the named ones (eos, bos, pad, ...) and every added token marked special.
+
+    Hub tokenizers often mark end-of-turn tokens (``<|eot_id|>``, ``<end_of_turn>``) as special
+    only in their added-token table, not as named special tokens.
+    """
+    ids = {int(i) for i in tokenizer.all_special_ids}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(int(i) for i, token in added.items() if getattr(token, "special", False))
+    return ids
+
+
+_PROBE_USER, _PROBE_REPLY, _PROBE_NEXT = "Please say hello", "Hello there, my friend", "What time is it?"
+
+
+def _text_after_assistant_turn(tokenizer: Any) -> str | None:
+    """What the chat template writes between an assistant message and the next user message.
+
+    Renders ``[user, assistant, user]`` (else ``[user, assistant]``, then the text runs to the end).
+    None when the template cannot render an assistant turn.
+    """
+    conversations = (
+        [("user", _PROBE_USER), ("assistant", _PROBE_REPLY), ("user", _PROBE_NEXT)],
+        [("user", _PROBE_USER), ("assistant", _PROBE_REPLY)],
+    )
+    for conversation in conversations:
+        messages = [{"role": role, "content": content} for role, content in conversation]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception:  # templates may refuse a conversation (jinja raise_exception)
+            continue
+        if not isinstance(text, str) or (start := text.find(_PROBE_REPLY, text.find(_PROBE_USER) + 1)) < 0:
+            continue
+        tail = text[start + len(_PROBE_REPLY) :]
+        end = tail.find(_PROBE_NEXT) if len(conversation) == 3 else -1
+        return tail[:end] if end >= 0 else tail
+    return None
+
+
+def end_of_turn_token_id(tokenizer: Any, post_instruction_ids: Sequence[int] = ()) -> int | None:
+    """The special token the chat template writes right after an assistant message, or None.
+
+    The first special token (``special_token_ids``) of ``_text_after_assistant_turn``; None when
+    the template writes none there. For a template that cannot render an assistant turn, the first
+    of ``post_instruction_ids`` (what follows a user message), provided it is a special token.
+    """
+    special = special_token_ids(tokenizer)
+    tail = _text_after_assistant_turn(tokenizer)
+    if tail is None:
+        first = post_instruction_ids[0] if len(post_instruction_ids) else None
+        return first if first in special else None
+    return next((t for t in tokenizer(tail, add_special_tokens=False)["input_ids"] if t in special), None)
+
+
+def stop_token_ids(adapter: ModelAdapter) -> list[int]:
+    """The tokens that end a completion: EOS ids (``eos_token_ids``) and the template's special end-of-turn token
+    (``end_of_turn_token_id``). Ordinary tokens never stop generation."""
+    ids = eos_token_ids(adapter.model, adapter.tokenizer)
+    end_of_turn = end_of_turn_token_id(adapter.tokenizer, adapter.eoi_token_ids)
+    if end_of_turn is not None:
+        ids.append(end_of_turn)
+    return sorted(set(ids))
+
+
+def greedy_generation_config(
+    max_new_tokens: int,
+    eos_token_id: Sequence[int] | int | None,
+    pad_token_id: int | None,
+    cache_implementation: str | None = None,
+) -> GenerationConfig:
+    """A fresh config for pure greedy decoding: ``GREEDY_NEUTRAL`` plus the length, stop, pad ids and cache."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else eos_token_id,
+        pad_token_id=pad_token_id,
+        cache_implementation=cache_implementation,
+        **GREEDY_NEUTRAL,
+    )
+
+
+@contextmanager
+def _model_generation_config_hidden(model: torch.nn.Module) -> Iterator[None]:
+    """Replace ``model.generation_config`` by an empty config for the duration of the block.
+
+    transformers fills every ``None`` field of a passed config from the model's own one; with
+    an empty stand-in only transformers' global defaults (``do_sample=False``, ...) fill them.
+    """
+    if not hasattr(model, "generation_config"):
+        yield
+        return
+    from transformers import GenerationConfig
+
+    own = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = own
+
+
+def greedy_generate(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], config: GenerationConfig) -> torch.Tensor:
+    """``model.generate(**inputs, generation_config=config)`` with nothing of the model's own generation config.
+
+    Returns the token ids (prompt + new tokens), as ``generate`` does with ``return_dict_in_generate=False``.
+    """
+    with _model_generation_config_hidden(model):
+        return model.generate(**inputs, generation_config=config)
 
 
 def generate(
@@ -68,7 +249,7 @@ def generate_tokens(
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     responses: list[list[int]] = [[] for _ in prompts]
     eos = stop_token_ids(adapter)
-    pad = adapter.tokenizer.pad_token_id
+    config = greedy_generation_config(max_new_tokens, eos, adapter.tokenizer.pad_token_id, cache_implementation)
     stop = set(eos)
     start = 0
     with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
@@ -76,11 +257,7 @@ def generate_tokens(
             idx = order[start : start + batch_size]
             enc = adapter.encode([prompts[i] for i in idx])
             try:
-                out = adapter.model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
-                    temperature=None, top_p=None, top_k=None,
-                    **({"cache_implementation": cache_implementation} if cache_implementation else {}),
-                )
+                out = greedy_generate(adapter.model, enc, config)
             except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
                 if not _is_oom(exc) or batch_size == 1:
                     raise
