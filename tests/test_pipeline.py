@@ -85,6 +85,11 @@ def test_run_produces_every_metric_and_the_report(complete_run):
             assert cell["status"] == "ok" and cell["ci"][0] <= cell["value"] <= cell["ci"][1], (name, metric, cell)
             assert (cell["p_vs_baseline"] is None) == (name == "baseline")
     assert summary["results"]["baseline"]["ce/alpaca"]["status"] == "not run"
+    for metric in ("kl/harmless", "kl/harmless_first_token"):
+        assert summary["results"]["baseline"][metric]["value"] == pytest.approx(0.0, abs=1e-6)
+        assert summary["results"]["diff_in_means.actadd-x1"][metric]["value"] > 1e-4
+    kl = json.loads(run.path("evaluate", "diff_in_means.actadd-x1", "kl__harmless.json").read_text())
+    assert len(kl["first_token"]) == 3 and kl["max_completion_tokens"] == 32
     html = run.path("report", "report.html").read_text()
     assert "inlp.projection@all" in html and "leace.erasure@all" in html and "not run" in html
     assert run.path("report", "report.md").exists()

@@ -100,6 +100,7 @@ class RunConfig:
     safety_judge: str | None = opt("meta-llama/Meta-Llama-Guard-2-8B", "Safety judge (LlamaGuard 2/3 hub id or local path); 'none' to skip.", "evaluate")
     judge_gpu_memory_fraction: float = opt(0.9, "GPU memory fraction for the judge (vLLM backend).")
     judge_min_words: int = opt(15, "Responses with fewer words count as safe (LlamaGuard reference rule); 0 disables.", "evaluate")
+    kl_tokens: int = opt(32, "KL(baseline || intervened) on harmless test prompts: over the first this many tokens of the baseline's own completion (teacher-forced), and at the first token.", "evaluate")
     general_text: str | None = opt(None, "General-text corpus for cross-entropy: 'pile', 'lambada' or a .jsonl path (default: pile from the hub, lambada from a local mirror).", "evaluate")
     n_loss_docs: int = opt(4096, "Documents for general-text and Alpaca cross-entropy (reference: 2048 batches of 2).", "evaluate")
     loss_max_length: int = opt(256, "Tokens per document for cross-entropy.", "evaluate")
@@ -151,7 +152,7 @@ class RunConfig:
             raise ConfigError("--inlp-k-policy fixed needs --inlp-k >= 1.")
         if self.positions is not None and (not self.positions or max(self.positions) >= 0):
             raise ConfigError(f"positions are negative offsets from the prompt's end, e.g. [-5, -1]; got {self.positions}.")
-        for name in ("n_train", "n_val", "n_test", "max_new_tokens", "n_loss_docs"):
+        for name in ("n_train", "n_val", "n_test", "max_new_tokens", "n_loss_docs", "kl_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1.")
         if not self.actadd_multipliers:

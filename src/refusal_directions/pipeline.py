@@ -47,7 +47,7 @@ from .directions.diff_in_means import fit_diff_in_means
 from .directions.geometry import geometry
 from .generation import generate
 from .hooks import apply_hooks
-from .interventions import REMOVAL_NAMES, InterventionSpec, applied
+from .interventions import REMOVAL_NAMES, InterventionSpec, applied, intervene
 from .models import ModelAdapter, load_model
 from .scopes import Scope, ScopeError
 from .selection import MethodSelection, SelectionSettings, pool_size, refusal_scores, select_method, steering_table
@@ -691,7 +691,21 @@ def _model_metrics(run: Run, spec: InterventionSpec, sets, completions, notes: l
                                            seed=config.seed, batch_size=bs)
 
         out["arc_challenge"] = _cached_metric(run, spec, "arc_challenge", arc)
+    out["kl/harmless"] = _cached_metric(run, spec, "kl/harmless", lambda: _harmless_kl(run, spec, sets, completions))
     return out
+
+
+def _harmless_kl(run: Run, spec: InterventionSpec, sets, completions) -> dict:
+    """KL(baseline || intervened) on the harmless test prompts and the baseline's own completions
+    (first ``kl_tokens`` tokens), with the intervention applied as capability metrics apply it
+    (ActAdd with its refusal-removing sign). Hooks, never baked weights: both models run per batch."""
+    from .evaluation.divergence import completion_kl
+
+    base = completions["baseline"][run.config.harmless_eval]
+    built = spec.build(sets, harmful=True)
+    return completion_kl(run.adapter, [r["prompt"] for r in base], [r["response"] for r in base],
+                         lambda: intervene(run.adapter, built), n_tokens=run.config.kl_tokens,
+                         batch_size=max(1, run.batch_size // 2), desc=f"KL {spec.name}").to_dict()
 
 
 def _safety_metrics(run: Run, plan: list[InterventionSpec], completions, notes: list[str]) -> dict[str, dict[str, dict]]:
@@ -777,6 +791,9 @@ def _assemble_summary(run: Run, plan, completions, outcomes, safety, notes) -> d
             cells[metric] = S.loss_cell(res["doc_losses"], res["doc_tokens"], base_items.get(metric), seed)
             if is_base:
                 base_items[metric] = (res["doc_losses"], res["doc_tokens"])
+        kl = outcomes[spec.name]["kl/harmless"]
+        cells["kl/harmless_first_token"] = S.mean_cell(kl["first_token"], seed)
+        cells["kl/harmless"] = S.mean_cell(kl["mean_per_token"], seed, weights=kl["n_tokens"])
         mmlu = outcomes[spec.name]["mmlu"]
         correct = [q["correct"] for q in mmlu["questions"]]
         cells["mmlu"] = S.binary_cell(correct, base_items.get("mmlu"), seed)

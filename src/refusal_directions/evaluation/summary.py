@@ -22,6 +22,8 @@ METRICS: dict[str, dict] = {
     "ce/general": {"label": "Cross-entropy, general text", "kind": "loss", "better": "lower", "group": "capability"},
     "ce/alpaca": {"label": "Cross-entropy, Alpaca outputs", "kind": "loss", "better": "lower", "group": "capability"},
     "ce/on_distribution": {"label": "Cross-entropy, baseline's own completions", "kind": "loss", "better": "lower", "group": "capability"},
+    "kl/harmless_first_token": {"label": "KL(baseline || intervened), harmless prompts, first token", "kind": "divergence", "better": "lower", "group": "capability"},
+    "kl/harmless": {"label": "KL(baseline || intervened), harmless prompts, mean per token of the baseline's completion", "kind": "divergence", "better": "lower", "group": "capability"},
     "mmlu": {"label": "MMLU 5-shot accuracy", "kind": "accuracy", "better": "higher", "group": "capability"},
     "arc_challenge/acc": {"label": "ARC-Challenge acc", "kind": "accuracy", "better": "higher", "group": "capability"},
     "arc_challenge/acc_norm": {"label": "ARC-Challenge acc_norm", "kind": "accuracy", "better": "higher", "group": "capability"},
@@ -91,6 +93,17 @@ def adjust_p_values(results: dict[str, dict[str, dict]], baseline: str = "baseli
 
 def _finite(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def mean_cell(values: Sequence[float], seed: int, weights: Sequence[float] | None = None) -> dict:
+    """Mean (``weights``: weighted) with a bootstrap interval over items; no test against the baseline
+    (used for KL from the baseline, which is 0 there by definition)."""
+    v = np.asarray(values, float)
+    w = None if weights is None else np.asarray(weights, float)
+    ci = bootstrap_ci(v, weights=w, seed=seed)
+    value = float(v.mean() if w is None else (v * w).sum() / w.sum())
+    return {"status": "ok", "value": value, "ci": [ci["low"], ci["high"]], "n": int(len(v)), "p_vs_baseline": None,
+            "test": None}
 
 
 def chance_flag(cell: dict, chance: float) -> dict:
