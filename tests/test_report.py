@@ -375,8 +375,8 @@ def test_legend_and_tooltips_say_the_p_values_are_holm_adjusted(full_report):
     folder, page, md = full_report
     summary = json.loads((folder / "evaluate" / "summary.json").read_text())
     m = summary["p_adjustment"]["m"]
-    legend = ("Value [95% interval: Wilson score for rates and accuracies, percentile bootstrap over documents "
-              "(token-weighted) for cross-entropy]; significance of the difference from baseline (McNemar's exact test on "
+    legend = ("Value [95% interval: Wilson score for rates and accuracies, percentile bootstrap for means (cross-entropy "
+              "over documents, token-weighted; KL)]; significance of the difference from baseline (McNemar's exact test on "
               f"paired outcomes, paired bootstrap for cross-entropy), p-values Holm-adjusted over all {m} tests of this table "
               "(every intervention × metric; the unadjusted ones are p_raw in evaluate/summary.json): "
               "* p<0.05, ** p<0.01, *** p<0.001.")

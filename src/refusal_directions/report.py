@@ -684,8 +684,8 @@ def statistics_legend(summary: dict) -> str:
     """
     cells = [c for row in (summary.get("results") or {}).values() for c in (row or {}).values() if isinstance(c, dict)]
     if any(c.get("ci_method") == "wilson" for c in cells):
-        interval = ("95% interval: Wilson score for rates and accuracies, percentile bootstrap over documents "
-                    "(token-weighted) for cross-entropy")
+        interval = ("95% interval: Wilson score for rates and accuracies, percentile bootstrap for means (cross-entropy "
+                    "over documents, token-weighted; KL)")
     else:
         interval = "95% bootstrap interval"
     adjustment = summary.get("p_adjustment") or {}

@@ -102,8 +102,8 @@ def mean_cell(values: Sequence[float], seed: int, weights: Sequence[float] | Non
     w = None if weights is None else np.asarray(weights, float)
     ci = bootstrap_ci(v, weights=w, seed=seed)
     value = float(v.mean() if w is None else (v * w).sum() / w.sum())
-    return {"status": "ok", "value": value, "ci": [ci["low"], ci["high"]], "n": int(len(v)), "p_vs_baseline": None,
-            "test": None}
+    return {"status": "ok", "value": value, "ci": [ci["low"], ci["high"]], "ci_method": "bootstrap", "n": int(len(v)),
+            "p_vs_baseline": None, "test": None}
 
 
 def chance_flag(cell: dict, chance: float) -> dict:
