@@ -238,7 +238,12 @@ class InterventionSlots:
 
 
 # ---------------------------------------------------------------------- weight baking
+_EXPERTS = ("experts",)  # the expert container of a mixture-of-experts block
+_BAKE_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
 def _output_projection(module: nn.Module, d_model: int) -> nn.Linear:
+    """The Linear child of a dense sublayer (attention, MLP, one expert) that writes its output."""
     children = dict(module.named_children())
     for name in _OUTPUT_PROJECTIONS:
         child = children.get(name)
@@ -247,13 +252,198 @@ def _output_projection(module: nn.Module, d_model: int) -> nn.Linear:
     raise BakingError(f"Cannot find the output projection of {type(module).__name__}; use hooks instead.")
 
 
+@dataclass(frozen=True)
+class _Projection:
+    """A weight whose output vectors are what a write point adds to the stream, and its bias.
+
+    ``transposed``: False for ``F.linear`` layouts (``[..., d_model, d_in]``: nn.Linear and fused
+    experts such as Mixtral's ``down_proj [E, D, I]``), True for ``x @ W`` layouts
+    (``[..., d_in, d_model]``: gpt-oss and Llama-4 ``down_proj [E, I, D]``). ``bias``: ``[..., d_model]``.
+    """
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    transposed: bool
+
+    def edit(self, fn: HookFn) -> list[tuple[nn.Parameter, HookFn]]:
+        """(parameter, map) pairs applying the linear edit ``fn`` (on vectors in the last dim) to
+        every output vector of the weight, and to the bias."""
+        if self.transposed:
+            pairs: list[tuple[nn.Parameter, HookFn]] = [(self.weight, fn)]
+        else:
+            pairs = [(self.weight, lambda w: fn(w.transpose(-1, -2)).transpose(-1, -2))]
+        if self.bias is not None:
+            pairs.append((self.bias, fn))
+        return pairs
+
+
+def _fused_layout(experts: nn.Module, name: str, weight: Tensor, d_model: int) -> bool:
+    """Whether a fused ``[E, a, b]`` expert weight is ``x @ W`` (``b == d_model``) or
+    ``F.linear`` (``a == d_model``); the ``is_transposed`` flag of transformers' experts decides ties."""
+    flag = getattr(experts, "is_transposed", None)
+    rows, cols = weight.shape[-2], weight.shape[-1]
+    if rows == cols == d_model and not isinstance(flag, bool):
+        raise BakingError(f"{type(experts).__name__}.{name} is [{rows}, {cols}] per expert: cannot tell which side "
+                          "writes the residual stream; use hooks.")
+    if isinstance(flag, bool) and (cols if flag else rows) == d_model:
+        return flag
+    if cols == d_model:
+        return True
+    if rows == d_model:
+        return False
+    raise BakingError(f"{type(experts).__name__}.{name} has shape {tuple(weight.shape)}: no side is d_model={d_model}.")
+
+
+def _expert_projections(experts: nn.Module, d_model: int) -> list[_Projection]:
+    """Every expert's output projection: per-expert modules (``experts[i].w2`` / ``down_proj``) or
+    fused 3-D parameters (``down_proj [E, ...]`` with ``down_proj_bias [E, d_model]``)."""
+    if getattr(experts, "has_post_expert_norm", False):
+        raise BakingError(f"{type(experts).__name__} normalises each expert's output; it cannot be baked. Use hooks.")
+    if isinstance(experts, (nn.ModuleList, nn.Sequential)):
+        projections = [_output_projection(expert, d_model) for expert in experts]
+        return [_Projection(p.weight, p.bias, False) for p in projections]
+    parameters = dict(experts.named_parameters(recurse=False))
+    for name in _OUTPUT_PROJECTIONS:
+        weight = parameters.get(name)
+        if weight is not None and weight.dim() == 3:
+            bias = parameters.get(f"{name}_bias")
+            if bias is not None and (bias.dim() != 2 or bias.shape[-1] != d_model):
+                raise BakingError(f"{type(experts).__name__}.{name}_bias has shape {tuple(bias.shape)}; use hooks.")
+            return [_Projection(weight, bias, _fused_layout(experts, name, weight, d_model))]
+    raise BakingError(f"Cannot find the experts' output projections in {type(experts).__name__} "
+                      f"(parameters: {sorted(parameters)}); use hooks instead.")
+
+
+def _write_projections(write: nn.Module, d_model: int) -> list[_Projection]:
+    """Every weight (and bias) whose outputs a write point adds to the residual stream.
+
+    A dense sublayer: its output projection (``o_proj``, ``down_proj``, ...). A mixture of experts
+    (a child ``experts``): every expert's output projection plus those of the other children that
+    have one (shared experts, whether gated per token or not); routers write nothing. Whether this
+    is all of the write is checked numerically by ``_verify_bakeable``.
+    """
+    children = dict(write.named_children())
+    experts = next((children[n] for n in _EXPERTS if n in children), None)
+    if experts is None:
+        projection = _output_projection(write, d_model)
+        return [_Projection(projection.weight, projection.bias, False)]
+    projections = _expert_projections(experts, d_model)
+    for name, child in children.items():
+        if child is experts:
+            continue
+        try:
+            projection = _output_projection(child, d_model)
+        except BakingError:
+            continue  # a router or gate: it writes nothing
+        projections.append(_Projection(projection.weight, projection.bias, False))
+    return projections
+
+
+@torch.no_grad()
+def _baked(projections: Sequence[_Projection], fn: HookFn) -> dict[int, Tensor]:
+    """The edited tensors of ``projections`` (by parameter id), without touching the parameters."""
+    return {id(param): edit(param) for projection in projections for param, edit in projection.edit(fn)}
+
+
+@torch.no_grad()
+def _verify_bakeable(adapter: ModelAdapter) -> str | None:
+    """Why baking would not reproduce the hooks on this model (None: it would); checked once.
+
+    One forward of a few tokens: each write point's module is re-run (``torch.func.functional_call``)
+    with its projections edited to remove a random half-dimensional subspace, and its output must
+    equal the hooked edit of its real output, per token within ``_BAKE_TOLERANCE`` of its norm; a
+    skipped expert or an unknown output transform shows as an error of order one. The stream
+    entering layer 0 must be the embedding output (times a constant, recorded for affine edits).
+    """
+    cached = getattr(adapter, "_bake_verification", None)
+    if cached is not None:
+        return cached[0] or None
+    d_model = adapter.d_model
+    generator = torch.Generator().manual_seed(4321)
+    basis = torch.linalg.qr(torch.randn(d_model, max(1, d_model // 2), generator=generator))[0]
+    tolerance = _BAKE_TOLERANCE.get(adapter.dtype, 5e-2)
+    errors: list[str] = []
+    worst: dict[str, float] = {}
+    seen: dict[str, Tensor] = {}
+    busy: set[int] = set()
+
+    def check_write(write: nn.Module, label: str, projections: list[_Projection]):
+        names = {id(p): n for n, p in write.named_parameters()}
+
+        def hook(module, args, kwargs, output):
+            if id(module) in busy:
+                return None
+            real = output[0] if isinstance(output, tuple) else output
+            device = real.device
+            fn = _edit_fn(Eraser(basis.to(device), basis.to(device)), 1.0, affine=False)
+            edited = {names[key]: value for key, value in _baked(projections, fn).items()}
+            busy.add(id(module))
+            try:
+                baked = torch.func.functional_call(module, edited, args, kwargs, strict=False)
+            finally:
+                busy.discard(id(module))
+            baked = baked[0] if isinstance(baked, tuple) else baked
+            expected = fn(real).float()
+            error = ((baked.float() - expected).norm(dim=-1) / real.float().norm(dim=-1).clamp_min(1e-30)).max().item()
+            worst[label] = max(worst.get(label, 0.0), error)
+            return None
+
+        return hook
+
+    handles = []
+    try:
+        for index, points in enumerate(adapter.hook_points):
+            for name, write in zip(points.names or [str(i) for i in range(len(points.writes))], points.writes):
+                label = f"layer {index} {name} ({type(write).__name__})"
+                handles.append(write.register_forward_hook(check_write(write, label, _write_projections(write, d_model)),
+                                                           with_kwargs=True))
+        embedding = adapter.model.get_input_embeddings()
+        handles.append(embedding.register_forward_hook(lambda m, a, out: seen.__setitem__("embedding", out.detach().float())))
+        handles.append(adapter.layers[0].register_forward_pre_hook(
+            lambda m, args, kwargs: seen.__setitem__("input", (args[0] if args else kwargs["hidden_states"]).detach().float()),
+            with_kwargs=True))
+        text = adapter.format_prompt("Hello! Can you tell me about the weather today?")
+        ids = adapter.tokenizer(text, add_special_tokens=False)["input_ids"][:16] or [0]
+        n_vocab = embedding.weight.shape[0]
+        adapter.model(input_ids=torch.tensor([[i % n_vocab for i in ids]], device=adapter.input_device), use_cache=False)
+    except BakingError as exc:
+        errors.append(str(exc))
+    finally:
+        for handle in handles:
+            handle.remove()
+    errors += [f"{label}: baked output differs from the hooked edit by {error:.2g} (relative; tolerance {tolerance:g})"
+               for label, error in worst.items() if not error <= tolerance]
+    scale = 1.0
+    if not errors and "embedding" in seen and "input" in seen:
+        emb, x = seen["embedding"].reshape(-1), seen["input"].to(seen["embedding"].device).reshape(-1)
+        scale = float((emb @ x) / (emb @ emb).clamp_min(1e-30)) if emb.numel() == x.numel() else float("nan")
+        if not (emb.numel() == x.numel() and (x - scale * emb).norm() <= tolerance * x.norm()):
+            errors.append("the stream entering the first layer is not the embedding output (position embeddings or "
+                          "another transform are added), so editing the embedding rows cannot edit it")
+    message = "; ".join(errors)
+    if message:
+        message = f"{type(adapter.model).__name__}: baking would not equal the hooks: {message}. Use hooks."
+    adapter._bake_verification = (message, scale)  # type: ignore[attr-defined]
+    return message or None
+
+
 def check_bakeable(adapter: ModelAdapter, removal: Removal) -> None:
-    """Raise ``BakingError`` unless baking ``removal`` into the weights is exact."""
+    """Raise ``BakingError`` unless baking ``removal`` into the weights is exact.
+
+    Exact needs: write points verified at load (``LayerHookPoints.checked``) and not post-sublayer
+    norms; a removal at every layer, linear on the writes; a plain embedding whose rows are the stream
+    entering layer 0; and the projections of every write, dense or mixture-of-experts, edited to give
+    exactly the hooked output (``_verify_bakeable``, once per adapter).
+    """
+    if not all(p.checked for p in adapter.hook_points):
+        raise BakingError(f"The write points of {type(adapter.model).__name__} were not verified; baking needs "
+                          "them checked (models.check_write_points). Use hooks.")
     if any(p.post_sublayer_norms for p in adapter.hook_points):
+        names = sorted({n for p in adapter.hook_points if p.post_sublayer_norms for n in p.names})
         raise BakingError(
             f"{type(adapter.model).__name__} normalises sublayer outputs after they are computed "
-            "(post-sublayer norms, as Gemma-2/3), so an edit of the residual writes cannot be folded "
-            "into the weights exactly. Use the hook mode (interventions are applied as hooks)."
+            f"(post-sublayer norms {names}, as Gemma-2/3, GLM-4, OLMo-2), so an edit of the residual writes cannot "
+            "be folded into the weights exactly. Use the hook mode (interventions are applied as hooks)."
         )
     if sorted(set(removal.layers)) != list(range(adapter.n_layers)):
         raise BakingError("Only removals at all layers can be baked; narrower scopes use hooks.")
@@ -266,7 +456,13 @@ def check_bakeable(adapter: ModelAdapter, removal: Removal) -> None:
         raise BakingError(f"The embedding {type(embedding).__name__} transforms its output; use hooks.")
     for points in adapter.hook_points:
         for write in points.writes:
-            _output_projection(write, adapter.d_model)
+            _write_projections(write, adapter.d_model)
+    if (problem := _verify_bakeable(adapter)) is not None:
+        raise BakingError(problem)
+    scale = adapter._bake_verification[1]  # type: ignore[attr-defined]
+    if removal.affine and removal.eraser.bias is not None and abs(scale - 1.0) > 1e-6:
+        raise BakingError(f"{type(adapter.model).__name__} scales its embeddings by {scale:.4g} before the first layer, "
+                          "so an affine edit of the embedding rows is not the edit of the stream. Use hooks.")
 
 
 @torch.no_grad()
@@ -283,7 +479,9 @@ def bake(adapter: ModelAdapter, removal: Removal) -> dict[str, Tensor]:
     """Fold ``removal`` (all layers) into the weights in place; returns the original tensors.
 
     Embedding rows get the affine edit (they are the stream entering layer 0); attention and MLP
-    output projections (weight and bias) get the linear part. Tied embeddings are untied first.
+    output projections (weight and bias) get the linear part: for a mixture of experts, every
+    expert's (per-expert modules or fused 3-D weights) and the shared experts'. Tied embeddings are
+    untied first.
     """
     check_bakeable(adapter, removal)
     _untie_embeddings(adapter)
@@ -299,12 +497,10 @@ def bake(adapter: ModelAdapter, removal: Removal) -> dict[str, Tensor]:
     edit(embedding, _edit_fn(eraser, removal.alpha, removal.affine))
     for points in adapter.hook_points:
         for write in points.writes:
-            proj = _output_projection(write, adapter.d_model)
-            eraser = removal.eraser.to(proj.weight.device)
-            linear = _edit_fn(eraser, removal.alpha, affine=False)
-            edit(proj.weight, lambda w: linear(w.T).T)  # each column of W is a write direction
-            if proj.bias is not None:
-                edit(proj.bias, linear)
+            for projection in _write_projections(write, adapter.d_model):  # dense, or every expert + shared
+                eraser = removal.eraser.to(projection.weight.device)
+                for param, fn in projection.edit(_edit_fn(eraser, removal.alpha, affine=False)):
+                    edit(param, fn)  # each output vector of W (a column of nn.Linear's) is a write direction
     return originals
 
 

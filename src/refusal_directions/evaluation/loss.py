@@ -53,11 +53,9 @@ DEFAULT_MAX_ROWS = 512  # LM-head rows computed at once: 512 x 151,936 float32 =
 
 # ------------------------------------------------------------------ model plumbing
 def _decoder(adapter: ModelAdapter) -> nn.Module:
-    get = getattr(adapter.model, "get_decoder", None)
-    decoder = get() if callable(get) else None
-    if decoder is None:
-        raise TypeError(f"{type(adapter.model).__name__} has no get_decoder(); cannot score selected positions.")
-    return decoder
+    """The decoder stack (``ModelAdapter.decoder``: the module holding the layers; its output has
+    ``last_hidden_state``). Not ``get_decoder()``: Llama-4's causal LM returns itself there."""
+    return adapter.decoder
 
 
 def _cache_kwarg(decoder: nn.Module) -> str:
