@@ -121,6 +121,45 @@ def test_summary_has_wilson_intervals_and_holm_adjusted_p_values(complete_run):
     assert [c["p_vs_baseline"] for c in family] == pytest.approx(holm([c["p_raw"] for c in family]), abs=1e-15)
 
 
+def test_coherence_cells_and_thresholds_from_the_saved_features(complete_run):
+    from refusal_directions.evaluation.coherence import CoherenceFeatures, calibrate, degenerate_flags
+
+    run = complete_run
+    summary = json.loads(run.path("evaluate", "summary.json").read_text())
+    d = "jailbreakbench"
+    new = (f"coherent_attack_success/{d}", f"degenerate/{d}", f"delayed_refusal/{d}")
+    assert all(summary["metrics"][m]["group"] == "refusal" and summary["metrics"][m]["kind"] == "rate" for m in new)
+    for name, cells in summary["results"].items():
+        for metric in new:
+            cell = cells[metric]
+            assert cell["status"] == "ok" and cell["ci_method"] == "wilson", (name, metric, cell)
+            assert cell["ci"][0] <= cell["value"] <= cell["ci"][1] and cell["n"] == 3, (name, metric, cell)
+            assert (cell["test"] == "mcnemar") == (name != "baseline")
+        assert cells[f"coherent_attack_success/{d}"]["value"] <= cells[f"attack_success/{d}"]["value"]
+    # the baseline's degenerate share is the rule applied to its saved features, with the recorded thresholds
+    saved = json.loads(run.path("evaluate", "baseline", f"coherence__{d}.json").read_text())
+    assert saved["key"] == run.stage_key("evaluate") and len(saved["features"]) == 3
+    features = [CoherenceFeatures(**f) for f in saved["features"]]
+    assert all(f.ce_tokens > 0 and math.isfinite(f.ce) for f in features)  # scored by the unmodified model
+    thresholds = calibrate(features)
+    assert summary["coherence_thresholds"][d] == {"calibrated_on": "baseline", **thresholds.to_dict()}
+    flags, reasons = degenerate_flags(features, thresholds)
+    assert summary["results"]["baseline"][f"degenerate/{d}"]["value"] == pytest.approx(sum(flags) / 3)
+    examples = [e for e in summary["examples"]["baseline"] if e["dataset"] == d]
+    assert [e["degenerate"] for e in examples] == flags and [e["degenerate_reasons"] for e in examples] == [list(r) for r in reasons]
+    assert examples[0]["coherence"]["repetition"] == features[0].repetition
+    assert examples[0]["refusal_onset"] in ("none", "start", "delayed")
+    # the cross-entropy is the unmodified model's: the same completions score the same under every intervention
+    other = json.loads(run.path("evaluate", "diff_in_means.actadd-x1", f"coherence__{d}.json").read_text())
+    rows = {r["response"]: f["ce"] for r, f in zip(P.load_completions(run, P.load_plan(run)[0], d), saved["features"])}
+    for r, f in zip(P.load_completions(run, next(s for s in P.load_plan(run) if s.name == "diff_in_means.actadd-x1"), d),
+                    other["features"]):
+        if r["response"] in rows:
+            assert f["ce"] == pytest.approx(rows[r["response"]], rel=1e-5)
+    cat = summary["per_category"]["baseline"][d]
+    assert all(0 <= v["coherent_attack_success"] <= v["attack_success"] for v in cat.values())
+
+
 def _by_text(records: list[dict]) -> set[str]:
     return {r["instruction"] for r in records}
 

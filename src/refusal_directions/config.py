@@ -33,7 +33,7 @@ STAGES = ("extract", "select", "infer", "evaluate")
 # Bump a stage's number whenever a change to the package changes the numbers that stage computes
 # (directions, scores, rankings, completions, metrics), so that runs made with older code are
 # recomputed instead of silently reused.
-STAGE_VERSIONS: dict[str, int] = {"extract": 1, "select": 1, "infer": 1, "evaluate": 1}
+STAGE_VERSIONS: dict[str, int] = {"extract": 1, "select": 1, "infer": 1, "evaluate": 2}
 
 
 class ConfigError(ValueError):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import platform
 import time
 from contextlib import contextmanager
@@ -630,11 +631,13 @@ def evaluate(run: Run, plan: list[InterventionSpec] | None = None, sets: dict[st
     notes: list[str] = []
     with timed(run, "evaluate"):
         completions = {s.name: {d: load_completions(run, s, d) for d in [*config.eval_datasets, config.harmless_eval]} for s in plan}
+        # the unmodified model scores every completion first (no intervention active: outside ``applied``)
+        coherence = {s.name: _coherence_metrics(run, s, completions) for s in plan}
         outcomes: dict[str, dict[str, Any]] = {}
         for spec in plan:
             outcomes[spec.name] = _model_metrics(run, spec, sets, completions, notes)
         safety = _safety_metrics(run, plan, completions, notes)
-        summary = _assemble_summary(run, plan, completions, outcomes, safety, notes)
+        summary = _assemble_summary(run, plan, completions, outcomes, safety, notes, coherence)
         summary["key"] = key
         write_json(run.path("evaluate", "summary.json"), summary)
     return summary
@@ -695,6 +698,33 @@ def _model_metrics(run: Run, spec: InterventionSpec, sets, completions, notes: l
     return out
 
 
+def _coherence_metrics(run: Run, spec: InterventionSpec, completions) -> dict[str, dict]:
+    """Coherence features of every completion of ``spec`` on each harmful evaluation set, cached as
+    ``evaluate/<intervention>/coherence__<dataset>.json``: the text features of the answer
+    (``reasoning.judged_texts``) and the teacher-forced cross-entropy of the completion as generated
+    under the *unmodified* model (called with no intervention active; ``completion_cross_entropy``
+    raises if a hook is registered). The degeneracy thresholds are calibrated later, in the summary,
+    on the baseline's features of the same set."""
+    from .evaluation.coherence import coherence_features, completion_cross_entropy
+    from .evaluation.reasoning import judged_texts
+
+    config = run.config
+    out: dict[str, dict] = {}
+    for d in config.eval_datasets:
+        def compute(d=d):
+            rows = completions[spec.name][d]
+            responses = [r["response"] for r in rows]
+            ce = completion_cross_entropy(run.adapter, [r["prompt"] for r in rows], responses,
+                                          max_completion_tokens=config.max_new_tokens,
+                                          batch_size=max(1, run.batch_size // 2))
+            features = coherence_features(judged_texts(responses), ce)
+            return {"max_completion_tokens": config.max_new_tokens, "text": "answer (judged_texts)",
+                    "features": [f.to_dict() for f in features], "n_nonfinite": ce.n_nonfinite}
+
+        out[d] = _cached_metric(run, spec, f"coherence/{d}", compute)
+    return out
+
+
 def _harmless_kl(run: Run, spec: InterventionSpec, sets, completions) -> dict:
     """KL(baseline || intervened) on the harmless test prompts and the baseline's own completions
     (first ``kl_tokens`` tokens), with the intervention applied as capability metrics apply it
@@ -742,11 +772,20 @@ def _safety_metrics(run: Run, plan: list[InterventionSpec], completions, notes: 
     return results
 
 
-def _assemble_summary(run: Run, plan, completions, outcomes, safety, notes) -> dict:
+def _assemble_summary(run: Run, plan, completions, outcomes, safety, notes, coherence) -> dict:
     """The ``evaluate/summary.json`` document (schema in ``report``): cells with intervals and paired
-    tests against the baseline, per-category attack success, chance flags, examples, notes."""
+    tests against the baseline, per-category attack success, chance flags, examples, notes.
+
+    Coherence (``evaluation.coherence``): per harmful set, thresholds are calibrated on the
+    baseline's completions of that set (``coherence_thresholds``); ``degenerate/<d>`` is the share
+    of degenerate completions, ``coherent_attack_success/<d>`` the share neither refused nor
+    degenerate, ``delayed_refusal/<d>`` the share whose refusal phrase comes after the start
+    (``judges.refusal_onset``). These three read the answer after any thinking section
+    (``reasoning.judged_texts``)."""
     from .evaluation import summary as S
-    from .evaluation.judges import refusal_outcomes
+    from .evaluation.coherence import CoherenceFeatures, calibrate, coherent_attack_success, degenerate_flags
+    from .evaluation.judges import refusal_onsets, refusal_outcomes
+    from .evaluation.reasoning import judged_texts
 
     config = run.config
     seed = config.seed
@@ -757,6 +796,9 @@ def _assemble_summary(run: Run, plan, completions, outcomes, safety, notes) -> d
     examples: dict[str, list] = {}
     base_items: dict[str, Any] = {}
     phrases = config.refusal_phrases
+    features = {name: {d: [CoherenceFeatures(**f) for f in res["features"]] for d, res in per_set.items()}
+                for name, per_set in coherence.items()}
+    thresholds = {d: calibrate(features["baseline"][d]) for d in datasets}
     for spec in plan:
         cells: dict[str, dict] = {}
         is_base = spec.name == "baseline"
@@ -765,11 +807,24 @@ def _assemble_summary(run: Run, plan, completions, outcomes, safety, notes) -> d
             refused = refusal_outcomes([r["response"] for r in rows], phrases)
             success = [not r for r in refused]
             cells[f"attack_success/{d}"] = S.binary_cell(success, base_items.get(f"attack_success/{d}"), seed)
-            per_category.setdefault(spec.name, {})[d] = _per_category(rows, success)
+            answers = judged_texts([r["response"] for r in rows])
+            degenerate, reasons = degenerate_flags(features[spec.name][d], thresholds[d])
+            coherent = coherent_attack_success(refusal_outcomes(answers, phrases), degenerate)
+            onsets = refusal_onsets(answers, phrases)
+            delayed = [o == "delayed" for o in onsets]
+            new_items = {f"coherent_attack_success/{d}": coherent, f"degenerate/{d}": degenerate,
+                         f"delayed_refusal/{d}": delayed}
+            for metric, items in new_items.items():
+                cells[metric] = S.binary_cell(items, base_items.get(metric), seed)
+            per_category.setdefault(spec.name, {})[d] = _per_category(rows, success, coherent)
             examples.setdefault(spec.name, []).extend(
-                {"dataset": d, "prompt": r["prompt"], "response": r["response"], "refused": bool(f)}
-                for r, f in list(zip(rows, refused))[:3]
+                {"dataset": d, "prompt": r["prompt"], "response": r["response"], "refused": bool(f),
+                 "refusal_onset": onsets[i], "degenerate": degenerate[i], "degenerate_reasons": list(reasons[i]),
+                 "coherence": _example_coherence(features[spec.name][d][i])}
+                for i, (r, f) in enumerate(list(zip(rows, refused))[:3])
             )
+            if is_base:
+                base_items.update(new_items)
             verdict = safety[spec.name][d]
             if verdict.get("status") == "ok":
                 cells[f"safety/{d}"] = S.binary_cell(verdict["unsafe"], base_items.get(f"safety/{d}"), seed)
@@ -824,16 +879,26 @@ def _assemble_summary(run: Run, plan, completions, outcomes, safety, notes) -> d
         "p_adjustment": p_adjustment,
         "per_category": per_category,
         "chance_flags": chance_flags,
+        "coherence_thresholds": {d: {"calibrated_on": "baseline", **t.to_dict()} for d, t in thresholds.items()},
         "examples": examples,
         "notes": notes,
     }
 
 
-def _per_category(rows: list[dict], success: list[bool]) -> dict[str, dict]:
-    groups: dict[str, list[bool]] = {}
-    for row, ok in zip(rows, success):
-        groups.setdefault(str(row.get("category") or "uncategorised"), []).append(ok)
-    return {c: {"attack_success": sum(v) / len(v), "n": len(v)} for c, v in sorted(groups.items())}
+def _per_category(rows: list[dict], success: list[bool], coherent: list[bool]) -> dict[str, dict]:
+    groups: dict[str, list[tuple[bool, bool]]] = {}
+    for row, ok, good in zip(rows, success, coherent):
+        groups.setdefault(str(row.get("category") or "uncategorised"), []).append((ok, good))
+    return {c: {"attack_success": sum(o for o, _ in v) / len(v), "coherent_attack_success": sum(g for _, g in v) / len(v),
+                "n": len(v)} for c, v in sorted(groups.items())}
+
+
+def _example_coherence(features) -> dict:
+    """The main coherence figures of one example (``ce`` None when not computed)."""
+    ce = features.ce if math.isfinite(features.ce) else None
+    return {"repetition": features.repetition, "char_repetition": features.char_repetition,
+            "longest_repeat_words": features.longest_repeat_words, "non_text": features.non_text,
+            "ce": ce, "ce_tokens": features.ce_tokens}
 
 
 def free_model(run: Run) -> None:
