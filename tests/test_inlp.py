@@ -250,3 +250,16 @@ def test_matches_reference_on_embedded_model(embedded_adapter, data_dir):
     assert fast.left.shape[:3] == (1, 24, 896) and fast.positions == [-1]
     # Middle and last layers (the last ones have norms ~1000: the ill-conditioned fits).
     assert_matches_reference(fast, reference_grid(h1, h0, config, pairs=[(0, 8), (0, 14), (0, 21), (0, 23)]))
+
+
+def test_geometry_without_a_leace_readout():
+    """LEACE of rank 0 everywhere (indistinguishable classes) has no read-out column: no crash."""
+    from refusal_directions.directions.geometry import geometry
+
+    dim = DirectionSet(method="diff_in_means", positions=[-1], direction=torch.ones(1, 2, 4) / 2, scale=torch.ones(1, 2),
+                       left=torch.ones(1, 2, 4, 1) / 2, rank=torch.ones(1, 2, dtype=torch.int64))
+    leace = DirectionSet(method="leace", positions=[-1], direction=torch.zeros(1, 2, 4), scale=torch.ones(1, 2),
+                         left=torch.zeros(1, 2, 4, 0), right=torch.zeros(1, 2, 4, 0),
+                         rank=torch.zeros(1, 2, dtype=torch.int64))
+    out = geometry(dim, None, leace)
+    assert "cos_dim_leace_readout" not in out and out["dim_norm"] == [[1.0, 1.0]]

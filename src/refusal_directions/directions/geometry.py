@@ -41,7 +41,7 @@ def geometry(dim: DirectionSet, inlp: DirectionSet | None = None, leace: Directi
         out["inlp_rank"] = inlp.rank.tolist()
         if "accuracies" in inlp.extras:
             out["inlp_accuracies"] = inlp.extras["accuracies"].tolist()
-    if leace is not None and leace.right is not None:
+    if leace is not None and leace.right is not None and leace.right.shape[-1] > 0:  # rank 0 everywhere: no read-out
         readout = _unit(leace.right[..., 0].float())
         out["cos_dim_leace_readout"] = (r_unit * readout).sum(-1).abs().tolist()
     return out
