@@ -521,3 +521,44 @@ def test_report_renders_in_headless_chromium(full_report, tmp_path):
     assert len(probe["images"]) == 15
     for image in probe["images"]:
         assert image["complete"] and image["w"] > 0 and image["h"] > 0, image
+
+
+def test_coherence_metrics_in_the_table_the_pareto_plot_and_the_examples(tmp_path):
+    from refusal_directions.report import example_coherence_text, pareto_figure
+
+    folder = write_fixture_run(tmp_path / "run")
+    path = folder / "evaluate" / "summary.json"
+    summary = json.loads(path.read_text())
+    new = {"coherent_attack_success/jailbreakbench": "Coherent attack success (not refused, not degenerate), jailbreakbench",
+           "degenerate/jailbreakbench": "Degenerate completions (baseline-calibrated), jailbreakbench"}
+    metrics = {}
+    for mid, meta in summary["metrics"].items():
+        metrics[mid] = meta
+        if mid == "attack_success/jailbreakbench":
+            metrics.update({m: {"label": label, "kind": "rate", "better": None, "group": "refusal"} for m, label in new.items()})
+    summary["metrics"] = metrics
+    for name, row in summary["results"].items():
+        value = row["attack_success/jailbreakbench"]["value"]
+        row["coherent_attack_success/jailbreakbench"] = {**row["attack_success/jailbreakbench"], "value": value / 2,
+                                                         "ci": [value / 2 - 0.05, value / 2 + 0.05]}
+        row["degenerate/jailbreakbench"] = {**row["attack_success/jailbreakbench"], "value": 0.25}
+        for ex in summary["examples"][name]:
+            ex.update(degenerate=ex["prompt"].startswith("Harmful prompt 0"), refusal_onset="delayed",
+                      degenerate_reasons=["repetition", "ce"] if ex["prompt"].startswith("Harmful prompt 0") else [],
+                      coherence={"repetition": 0.6667, "longest_repeat_words": 41, "ce": None, "ce_tokens": 0})
+    path.write_text(json.dumps(summary))
+    html_path, md_path = write_report(folder)
+    page, md = html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")
+    table = page[page.index('class="results"'):page.index("</table>", page.index('class="results"'))]
+    for label in new.values():
+        assert html.escape(label) in table and label in md
+    assert "degenerate (repetition, ce); repetition 0.67, longest repeat 41 words, CE n/a; refusal onset: delayed" in page
+    assert "coherent; repetition 0.67" in md
+    assert "coherent_attack_success/jailbreakbench (hollow)" in page
+    text = example_coherence_text({"degenerate": False, "coherence": {"repetition": 0.0, "longest_repeat_words": 0,
+                                                                      "ce": 2.5, "ce_tokens": 7}, "refusal_onset": "none"})
+    assert text == "coherent; repetition 0.00, longest repeat 0 words, CE 2.50 nats/token (unmodified model)"
+    assert example_coherence_text({"refused": True}) == ""
+    fig = pareto_figure([{"name": "a", "method": "inlp", "x": 2.0, "x_ci": None, "y": 0.8, "y_ci": [0.7, 0.9],
+                          "y2": 0.3, "y2_ci": [0.2, 0.4]}], "x", "y", 2.0)
+    assert "coherent attack success (hollow)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]

@@ -31,6 +31,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from . import __version__
@@ -333,10 +334,13 @@ def inlp_accuracy_figure(accuracies: Sequence, positions: Sequence[int], compone
 def pareto_figure(points: list[dict], x_label: str, y_label: str, baseline_x: float | None) -> Figure:
     """Attack success vs cross-entropy: one labelled point per intervention, with 95% intervals.
 
-    Each point: {"name", "method", "x", "x_ci", "y", "y_ci"} (intervals may be None).
+    Each point: {"name", "method", "x", "x_ci", "y", "y_ci"} (intervals may be None), optionally
+    with "y2", "y2_ci": a second rate at the same x (coherent attack success), drawn as a hollow
+    marker joined to the first by a thin line.
     """
     fig = Figure(figsize=(8.0, 5.2))
     ax = fig.add_subplot()
+    second = False
     for pt in points:
         colour = METHOD_COLOURS.get(pt.get("method"), "#555555")
         xerr = _errbar(pt["x"], pt.get("x_ci"))
@@ -344,10 +348,19 @@ def pareto_figure(points: list[dict], x_label: str, y_label: str, baseline_x: fl
         ax.errorbar([pt["x"]], [pt["y"]], xerr=xerr, yerr=yerr, fmt="o", color=colour, ecolor=colour,
                     elinewidth=1, capsize=3, markersize=6, alpha=0.9)
         ax.annotate(pt["name"], (pt["x"], pt["y"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        if is_number(pt.get("y2")):
+            second = True
+            ax.plot([pt["x"], pt["x"]], [pt["y"], pt["y2"]], color=colour, linewidth=0.6, alpha=0.6)
+            ax.errorbar([pt["x"]], [pt["y2"]], yerr=_errbar(pt["y2"], pt.get("y2_ci")), fmt="s", mfc="white",
+                        color=colour, ecolor=colour, elinewidth=0.8, capsize=2, markersize=6, alpha=0.9)
     if baseline_x is not None:
         ax.axvline(baseline_x, color="grey", linestyle="--", linewidth=1, label="baseline CE")
     handles = [Rectangle((0, 0), 1, 1, color=c) for m, c in METHOD_COLOURS.items() if any(p.get("method") == m for p in points)]
     labels = [METHOD_LABELS.get(m, "baseline") if m else "baseline" for m in METHOD_COLOURS if any(p.get("method") == m for p in points)]
+    if second:
+        handles += [Line2D([], [], marker="o", color="#555555", linestyle=""),
+                    Line2D([], [], marker="s", mfc="white", color="#555555", linestyle="")]
+        labels += ["attack success (filled)", "coherent attack success (hollow)"]
     if handles:
         ax.legend(handles, labels, fontsize=8, loc="best")
     ax.set_xlabel(x_label)
@@ -879,6 +892,7 @@ def _pareto_section(doc: _Doc, art: RunArtifacts) -> None:
         doc.para("No attack-success metric in the summary: nothing to plot.", "small")
         return
     y_id = f"attack_success/{datasets[0]}"
+    y2_id = f"coherent_attack_success/{datasets[0]}"
     names = intervention_names(summary)
     x_id = next((m for m in CE_METRICS if m in metrics and any((_cell(summary, n, m) or {}).get("status") == "ok" for n in names)), None)
     if x_id is None:
@@ -889,8 +903,12 @@ def _pareto_section(doc: _Doc, art: RunArtifacts) -> None:
     for name in names:
         x, y = _cell(summary, name, x_id) or {}, _cell(summary, name, y_id) or {}
         if x.get("status") == "ok" and y.get("status") == "ok" and is_number(x.get("value")) and is_number(y.get("value")):
-            points.append({"name": name, "method": (specs.get(name) or {}).get("method"), "x": float(x["value"]),
-                           "x_ci": x.get("ci"), "y": float(y["value"]), "y_ci": y.get("ci")})
+            point = {"name": name, "method": (specs.get(name) or {}).get("method"), "x": float(x["value"]),
+                     "x_ci": x.get("ci"), "y": float(y["value"]), "y_ci": y.get("ci")}
+            y2 = _cell(summary, name, y2_id) or {}
+            if y2.get("status") == "ok" and is_number(y2.get("value")):
+                point.update(y2=float(y2["value"]), y2_ci=y2.get("ci"))
+            points.append(point)
         else:
             skipped.append(name)
     base = _cell(summary, "baseline", x_id) or {}
@@ -898,7 +916,8 @@ def _pareto_section(doc: _Doc, art: RunArtifacts) -> None:
     if points:
         fig = pareto_figure(points, f"{metric_label(summary, x_id)} ({x_id}, nats/token)",
                             f"{metric_label(summary, y_id)} ({y_id})", baseline_x)
-        doc.image("pareto", fig, f"{y_id} vs {x_id}, one point per intervention (bars: 95% intervals)")
+        shown = f"{y_id} (filled) and {y2_id} (hollow)" if any("y2" in p for p in points) else y_id
+        doc.image("pareto", fig, f"{shown} vs {x_id}, one point per intervention (bars: 95% intervals)")
     if skipped:
         doc.para(f"Not plotted (a metric not run or n/a): {', '.join(skipped)}.", "small")
 
@@ -936,6 +955,29 @@ def _examples(art: RunArtifacts, per_intervention: int = 3) -> tuple[dict[str, l
     return out, "the generated completions (not judged yet: the evaluation stage has not run)"
 
 
+def example_coherence_text(row: dict) -> str:
+    """The coherence verdict and figures of one example ("" when the summary has none):
+    ``degenerate (repetition, ce); repetition 0.67, longest repeat 12 words, CE 4.12 nats/token (unmodified model); refusal onset: delayed``."""
+    if "degenerate" not in row:
+        return ""
+    reasons = row.get("degenerate_reasons") or []
+    parts = [("degenerate" + (f" ({', '.join(map(str, reasons))})" if reasons else "")) if row["degenerate"] else "coherent"]
+    figures = row.get("coherence") or {}
+    numbers = []
+    if is_number(figures.get("repetition")):
+        numbers.append(f"repetition {fmt_num(figures['repetition'], 2)}")
+    if is_number(figures.get("longest_repeat_words")):
+        numbers.append(f"longest repeat {int(figures['longest_repeat_words'])} words")
+    if is_number(figures.get("ce")):
+        numbers.append(f"CE {fmt_num(figures['ce'], 2)} nats/token (unmodified model)")
+    else:
+        numbers.append("CE n/a")
+    parts.append(", ".join(numbers))
+    if row.get("refusal_onset") in ("start", "delayed"):
+        parts.append(f"refusal onset: {row['refusal_onset']}")
+    return "; ".join(parts)
+
+
 def _examples_section(doc: _Doc, art: RunArtifacts) -> None:
     doc.section("Example completions", "examples")
     examples, source = _examples(art)
@@ -952,11 +994,14 @@ def _examples_section(doc: _Doc, art: RunArtifacts) -> None:
             verdict, cls = ({True: ("refused", "verdict-refused"), False: ("not refused", "verdict-complied")}
                             .get(refused, ("not judged", "verdict-unknown")))
             prompt, response = visible_text(row.get("prompt", "")), visible_text(row.get("response", ""))
+            coherence = example_coherence_text(row)
             doc.html.append(
                 f'<div class="example"><div class="prompt">[{html.escape(str(row.get("dataset", "")))}] '
                 f"{html.escape(prompt)}</div><pre>{html.escape(response)}</pre>"
-                f'<div>substring judge: <span class="{cls}">{verdict}</span></div></div>')
-            doc.md.append(f"- *{_md_cell(row.get('dataset', ''))}*: {_md_cell(prompt)} — substring judge: **{verdict}**\n\n"
+                f'<div>substring judge: <span class="{cls}">{verdict}</span>'
+                + (f" · {html.escape(coherence)}" if coherence else "") + "</div></div>")
+            doc.md.append(f"- *{_md_cell(row.get('dataset', ''))}*: {_md_cell(prompt)} — substring judge: **{verdict}**"
+                          + (f"; {_md_cell(coherence)}" if coherence else "") + "\n\n"
                           + "\n".join("  " + line for line in _md_fence(response).splitlines()) + "\n")
         doc.html.append("</details>")
 
