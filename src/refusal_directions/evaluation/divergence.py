@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..models import ModelAdapter
+from ..selection import kl_divergence
 
 
 @dataclass
@@ -46,13 +46,6 @@ def _sequences(adapter: ModelAdapter, prompts: Sequence[str], completions: Seque
         sequences.append(list(p) + list(c))
         prompt_lengths.append(len(p))
     return sequences, prompt_lengths
-
-
-def _kl_rows(base_logits: Tensor, new_logits: Tensor) -> Tensor:
-    """KL(base || new) per row of [T, V] logits, float32."""
-    base = torch.log_softmax(base_logits.float(), -1)
-    new = torch.log_softmax(new_logits.to(base.device, torch.float32), -1)
-    return (base.exp() * (base - new)).sum(-1)
 
 
 @torch.inference_mode()
@@ -94,7 +87,7 @@ def completion_kl(
         with intervened():
             new = adapter.model(**inputs, use_cache=False).logits
         for row, (i, (lo, hi)) in enumerate(zip(batch, spans)):
-            kl = _kl_rows(picked[row], new[row, lo:hi]).double().cpu()
+            kl = kl_divergence(picked[row], new[row, lo:hi]).double().cpu()
             first[i], mean[i], count[i] = float(kl[0]), float(kl.mean()), int(kl.numel())
         del new
     return CompletionKL(first, mean, count, n_tokens)
