@@ -214,19 +214,6 @@ def test_changing_generation_settings_keeps_directions_and_selection(complete_ru
     assert all(after[k] != v for k, v in before.items() if k.startswith("infer/") and k.endswith(".jsonl"))
 
 
-def test_foreign_run_folder_is_refused(complete_run, tiny_model, data_dir, tmp_path):
-    other = save_tiny_model(tmp_path / "other", "llama", n_layers=2, d_model=32, seed=3)
-    with pytest.raises(P.RunError, match="another model"):
-        P.open_run(tiny_config(other, tmp_path, data_dir), run_dir=complete_run.dir)
-    with pytest.raises(P.RunError, match="another configuration"):
-        P.open_run(tiny_config(tiny_model, tmp_path, data_dir, n_train=12), run_dir=complete_run.dir)
-
-
-def test_missing_upstream_artifacts_are_a_clear_error(tiny_model, data_dir, tmp_path):
-    with pytest.raises(P.RunError, match="run `refusal-directions extract` first"):
-        P.run_command("select", tiny_config(tiny_model, tmp_path, data_dir))
-
-
 def test_killed_run_resumes_to_the_same_results(complete_run, tiny_model, data_dir, tmp_path):
     out = tmp_path / "killed"
     args = ["run", "--model", str(tiny_model), "--output-dir", str(out), "--data-dir", str(data_dir)]
@@ -352,3 +339,28 @@ def test_plan_evaluates_every_scope_side_by_side(complete_run, tiny_model, data_
             assert plan[f"{method}.{removal}@{label}"].scope == label
             assert f"{method}.reflection-a2-reference@{label}" in plan
     assert sum(s.kind == "actadd" for s in plan.values()) == 2  # diff-in-means and INLP, one multiplier each
+
+
+def test_stages_return_data_and_the_cli_prints_it(complete_run):
+    import io
+
+    from rich.console import Console
+
+    from refusal_directions.cli import stage_printer
+
+    run = complete_run
+    extraction = P.extract(run)  # every artifact reused
+    rows = {r["method"]: r for r in extraction.separation}
+    assert set(rows) == {"diff_in_means", "inlp", "leace"} and rows["inlp"]["score"].startswith("dev acc")
+    assert P.load_extraction(run).separation == []  # the summary is computed by the stage, not stored
+    buffer = io.StringIO()
+    printer = stage_printer(Console(file=buffer, width=400))
+    printer("open", run, None)
+    printer("extract", run, extraction)
+    printer("select", run, P.load_selection(run))
+    printer("infer", run, P.load_plan(run))  # nothing to print
+    printer("report", run, (Path("report.html"), Path("report.md")))
+    text = buffer.getvalue()
+    assert f"Run folder: {run.dir}" in text and "Extraction" in text and "best-separating position" in text
+    assert "Selection (hook points: full)" in text and "layers @all" in text
+    assert "Report: report.html" in text and "Summary: report.md" in text

@@ -1,7 +1,9 @@
 """The ``refusal-directions`` command line.
 
 Every option of ``run`` and the stage subcommands is generated from ``RunConfig`` (config.py),
-so flags, TOML keys and the typed configuration never drift apart.
+so flags, TOML keys and the typed configuration never drift apart. The stages print nothing:
+this module prints what they return (``stage_printer``: run folder, extraction and selection
+tables, report paths).
 """
 
 from __future__ import annotations
@@ -12,9 +14,15 @@ import logging
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .config import ConfigError, RunConfig, build_config, field_types
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from .pipeline import Extraction, Run
+    from .selection import MethodSelection
 
 log = logging.getLogger("refusal_directions")
 
@@ -91,12 +99,66 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, str]:
 
 # ---------------------------------------------------------------------- commands
 def cmd_stage(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
     from . import pipeline
 
     config, note = config_from_args(args)
     if note:
         log.warning(note)
-    pipeline.run_command(args.command, config, run_dir=args.run_dir)
+    pipeline.run_command(args.command, config, run_dir=args.run_dir, on_event=stage_printer(Console(stderr=True)))
+
+
+# ---------------------------------------------------------------------- what the stages return, printed
+def stage_printer(console: Console) -> Callable[[str, Run, Any], None]:
+    """A ``pipeline.run_command`` event listener printing the run folder, the extraction and
+    selection summaries and the report's paths on ``console`` (a rich Console)."""
+
+    def on_event(step: str, run: Run, result: Any) -> None:
+        if step == "open":
+            console.print(f"[bold]Run folder:[/bold] {run.dir}")
+        elif step == "extract":
+            print_extraction_summary(result, console)
+        elif step == "select":
+            print_selection_summary(run, result, console)
+        elif step == "report":
+            html, md = result
+            console.print(f"[bold green]Report:[/bold green] {html}\n[bold]Summary:[/bold] {md}")
+
+    return on_event
+
+
+def print_extraction_summary(extraction: Extraction, console: Console) -> None:
+    """Each method's best-separating component (``Extraction.separation``) as a table."""
+    from rich.table import Table
+
+    table = Table("method", "best-separating position", "layer", "separation", "INLP rank there", title="Extraction")
+    for r in extraction.separation:
+        table.add_row(r["method"], str(r["position"]), str(r["layer"]), r["score"], str(r.get("inlp_rank", "-")))
+    console.print(table)
+
+
+def print_selection_summary(run: Run, selections: dict[str, MethodSelection], console: Console) -> None:
+    """Each method's best component, its scores, skipped components and layers per scope as a
+    table; any selection fallback warning above it."""
+    from rich.table import Table
+
+    from .report import compress_layers
+    from .scopes import Scope
+    from .selection import pool_size
+
+    scopes = [Scope.parse(text) for text in run.config.scope_list]
+    pool = pool_size(selections)
+    table = Table("method", "position", "layer", "bypass", "steering", "KL", "skipped",
+                  *(f"layers @{s.label}" for s in scopes), title=f"Selection (hook points: {run.config.selection_hook_points})")
+    for method, sel in selections.items():
+        b = sel.best
+        table.add_row(method, str(b.position), str(b.layer), f"{b.bypass:.3f}", f"{b.steering:.3f}", f"{b.kl:.4f}",
+                      str(len(sel.skipped)),
+                      *(compress_layers(s.layers(sel.ranked, pool, run.adapter.n_layers)) for s in scopes))
+        if sel.fallback_warning:
+            console.print(f"[yellow]{sel.fallback_warning}[/yellow]")
+    console.print(table)
 
 
 def cmd_report(args: argparse.Namespace) -> None:

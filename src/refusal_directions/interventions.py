@@ -560,8 +560,8 @@ class InterventionSpec:
     """A named, serialisable intervention of the evaluation plan.
 
     kind: "baseline", "removal" (ablation / projection / erasure), "reflection" (alpha != 1) or
-    "actadd" (coefficient = |c|; subtracted on harmful prompts to remove refusal, added on
-    harmless prompts to induce it; capability metrics use the harmful-side sign).
+    "actadd" (coefficient = |c|; the sign is not part of the spec: ``build`` is given it per
+    prompt set, decided by the plan, ``pipeline.plan``).
     ``scope``: the scope label of a removal or reflection (one, top0.5, all). ``components``:
     (pos_index, layer, k) of each component in scope when each keeps its own direction or P
     (empty: the best component's at every layer of ``layers``, the reference's default).
@@ -582,13 +582,15 @@ class InterventionSpec:
     scope: str = ""
     components: tuple[tuple[int, int, int | None], ...] = ()
 
-    def build(self, direction_sets: dict[str, DirectionSet], harmful: bool = True) -> Intervention | None:
-        """The intervention for prompts of one side: ActAdd's sign is decided here, and only here."""
+    def build(self, direction_sets: dict[str, DirectionSet], sign: float | None = None) -> Intervention | None:
+        """The intervention as specified. ActAdd adds ``sign * coefficient`` times its unit direction:
+        ``sign`` (+1 adds, -1 subtracts) is required for ActAdd and ignored by the other kinds."""
         if self.kind == "baseline":
             return None
         directions = direction_sets[self.method]
         if self.kind == "actadd":
-            sign = -1.0 if harmful else 1.0
+            if sign is None:
+                raise ValueError(f"{self.name}: ActAdd needs its sign (+1 adds the direction, -1 subtracts it).")
             return actadd_for(directions, self.pos_index, self.layer, sign * self.coefficient)
         if self.components:
             return Composite([removal_for(directions, p, l, [l], k, self.alpha, self.mode, self.affine)  # type: ignore[arg-type]

@@ -1,0 +1,237 @@
+"""Stage 4, evaluate: per-item results of every metric under every intervention, then the summary.
+
+Artifacts (keyed by the evaluate stage's key)::
+
+    evaluate/<intervention>/<metric>.json   per-item results ("/" in a metric id becomes "__")
+    evaluate/summary.json                   cells with intervals and tests (``pipeline.summary``)
+
+Order of work: coherence of every completion under the *unmodified* model (no intervention
+active); then, per intervention, cross-entropies, MMLU and ARC with the intervention applied as
+the plan applies it to capability metrics (``plan.build_for_capability``) and the KL from the
+baseline; last the safety judge, loaded only after the evaluated model is freed.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ...artifacts import write_json
+from ...config import RunConfig
+from ...data import DataError, DatasetUnavailable, load_dataset, sample
+from ...directions.base import DirectionSet
+from ...evaluation import benchmarks, loss
+from ...evaluation.coherence import coherence_features, completion_cross_entropy
+from ...evaluation.divergence import completion_kl
+from ...evaluation.judges import run_safety_judge
+from ...evaluation.reasoning import judged_texts
+from ...interventions import InterventionSpec, applied, intervene
+from ..plan import build_for_capability
+from ..store import Run, timed, valid_json
+from ..summary import assemble_summary
+from .extract import load_extraction
+from .infer import load_completions, load_plan
+
+# completions[intervention name][dataset] -> the rows of infer/<intervention>/<dataset>.jsonl
+Completions = dict[str, dict[str, list[dict]]]
+
+
+def evaluate(run: Run, plan: list[InterventionSpec] | None = None, sets: dict[str, DirectionSet] | None = None) -> dict:
+    """Every metric under every intervention; writes and returns ``evaluate/summary.json``."""
+    config = run.config
+    plan = plan or load_plan(run)
+    sets = sets or load_extraction(run).direction_sets
+    key = run.stage_key("evaluate")
+    notes: list[str] = []
+    with timed(run, "evaluate"):
+        completions = {s.name: {d: load_completions(run, s, d) for d in [*config.eval_datasets, config.harmless_eval]}
+                       for s in plan}
+        # the unmodified model scores every completion first (no intervention active: outside ``applied``)
+        coherence = {s.name: _coherence_metrics(run, s, completions) for s in plan}
+        outcomes = {s.name: _model_metrics(run, s, sets, completions, notes) for s in plan}
+        safety = _safety_metrics(run, plan, completions, notes)
+        summary = assemble_summary(config, plan, completions, outcomes, safety, coherence, notes)
+        summary["key"] = key
+        write_json(run.path("evaluate", "summary.json"), summary)
+    return summary
+
+
+# ---------------------------------------------------------------------- per-item artifacts
+def metric_path(run: Run, spec: InterventionSpec, metric: str) -> Path:
+    """``evaluate/<intervention>/<metric>.json`` ("/" in ``metric`` becomes "__")."""
+    return run.path("evaluate", spec.name, metric.replace("/", "__") + ".json")
+
+
+def cached_metric(run: Run, spec: InterventionSpec, metric: str, compute: Callable[[], dict]) -> dict:
+    """The saved per-item result of ``metric`` for ``spec`` (computed and saved if missing or stale)."""
+    key = run.stage_key("evaluate")
+    path = metric_path(run, spec, metric)
+    saved = None if run.config.force_overwrite else valid_json(path, key)
+    if saved is None:
+        saved = {"key": key, **compute()}
+        write_json(path, saved)
+    return saved
+
+
+def general_text_corpus(config: RunConfig) -> tuple[str, str]:
+    """(dataset name or path, note for the report): the Pile from the hub, LAMBADA from a mirror
+    (``RunConfig.general_text_name``, which the evaluate stage's key hashes)."""
+    corpus = config.general_text_name()
+    if config.general_text:
+        return corpus, f"general-text cross-entropy on {corpus}"
+    if corpus == "lambada":
+        return "lambada", "general-text cross-entropy on LAMBADA passages (offline stand-in for the Pile, which is not mirrored)"
+    return "pile", "general-text cross-entropy on the Pile (monology/pile-uncopyrighted, first documents, streamed)"
+
+
+# ---------------------------------------------------------------------- coherence (unmodified model)
+def _coherence_metrics(run: Run, spec: InterventionSpec, completions: Completions) -> dict[str, dict]:
+    """Coherence features of every completion of ``spec`` on each harmful evaluation set, cached as
+    ``evaluate/<intervention>/coherence__<dataset>.json``: the text features of the answer
+    (``reasoning.judged_texts``) and the teacher-forced cross-entropy of the completion as generated
+    under the *unmodified* model (called with no intervention active; ``completion_cross_entropy``
+    raises if a hook is registered). The degeneracy thresholds are calibrated later, in the summary,
+    on the baseline's features of the same set."""
+    return {d: cached_metric(run, spec, f"coherence/{d}", lambda d=d: _coherence_features(run, completions[spec.name][d]))
+            for d in run.config.eval_datasets}
+
+
+def _coherence_features(run: Run, rows: list[dict]) -> dict:
+    """The coherence artifact of one set of completions."""
+    config = run.config
+    responses = [r["response"] for r in rows]
+    ce = completion_cross_entropy(run.adapter, [r["prompt"] for r in rows], responses,
+                                  max_completion_tokens=config.max_new_tokens, batch_size=max(1, run.batch_size // 2))
+    features = coherence_features(judged_texts(responses), ce)
+    return {"max_completion_tokens": config.max_new_tokens, "text": "answer (judged_texts)",
+            "features": [f.to_dict() for f in features], "n_nonfinite": ce.n_nonfinite}
+
+
+# ---------------------------------------------------------------------- capability under the intervention
+def _model_metrics(run: Run, spec: InterventionSpec, sets: dict[str, DirectionSet], completions: Completions,
+                   notes: list[str]) -> dict[str, Any]:
+    """Loss and benchmark results (per item) of one intervention, each cached on disk, and the KL."""
+    corpus, note = general_text_corpus(run.config)
+    if note not in notes:
+        notes.append(note)
+    out: dict[str, Any] = {}
+    with applied(run.adapter, build_for_capability(spec, sets), bake_weights=run.config.bake_weights == "auto"):
+        out["ce/general"] = cached_metric(run, spec, "ce/general", lambda: _general_text_loss(run, corpus))
+        out["ce/alpaca"] = cached_metric(run, spec, "ce/alpaca", lambda: _alpaca_loss(run))
+        out["ce/on_distribution"] = cached_metric(run, spec, "ce/on_distribution",
+                                                  lambda: _on_distribution_loss(run, completions))
+        out["mmlu"] = cached_metric(run, spec, "mmlu", lambda: _mmlu(run))
+        out["arc_challenge"] = cached_metric(run, spec, "arc_challenge", lambda: _arc(run))
+    out["kl/harmless"] = cached_metric(run, spec, "kl/harmless", lambda: _harmless_kl(run, spec, sets, completions))
+    return out
+
+
+def _metric_batch_size(run: Run) -> int:
+    """Sequences per forward for losses and benchmarks (half the prompt batch: longer inputs)."""
+    return max(1, run.batch_size // 2)
+
+
+def _general_text_loss(run: Run, corpus: str) -> dict:
+    config = run.config
+    docs = load_dataset(corpus, config.data_dir, limit=config.n_loss_docs)
+    return loss.text_loss(run.adapter, docs, max_length=config.loss_max_length, batch_size=_metric_batch_size(run),
+                          corpus=corpus).to_dict()
+
+
+def _alpaca_loss(run: Run) -> dict:
+    config = run.config
+    try:
+        records = sample(load_dataset("alpaca_outputs", config.data_dir), config.n_loss_docs, config.seed)
+    except (DatasetUnavailable, DataError) as exc:
+        return {"status": "not run", "reason": f"no Alpaca reference outputs available ({exc.__class__.__name__}); "
+                "cross-entropy on the baseline's own completions is reported as ce/on_distribution"}
+    return loss.instruction_loss(run.adapter, records, max_length=config.loss_max_length,
+                                 batch_size=_metric_batch_size(run)).to_dict()
+
+
+def _on_distribution_loss(run: Run, completions: Completions) -> dict:
+    base = completions["baseline"][run.config.harmless_eval]
+    return loss.on_distribution_loss(run.adapter, [r["prompt"] for r in base], [r["response"] for r in base],
+                                     max_length=run.config.loss_max_length, batch_size=_metric_batch_size(run)).to_dict()
+
+
+def _mmlu(run: Run) -> dict:
+    config = run.config
+    test = load_dataset("mmlu", config.data_dir, split="test")
+    dev = load_dataset("mmlu", config.data_dir, split="dev")
+    return benchmarks.evaluate_mmlu(run.adapter, test, dev, n_questions=config.mmlu_questions,
+                                    n_subjects=config.mmlu_subjects, seed=config.seed, batch_size=_metric_batch_size(run))
+
+
+def _arc(run: Run) -> dict:
+    config = run.config
+    test = load_dataset("arc_challenge", config.data_dir, split="test")
+    train = load_dataset("arc_challenge", config.data_dir, split="train")
+    return benchmarks.evaluate_arc(run.adapter, test, train, n_shots=config.arc_shots, n_questions=config.arc_questions,
+                                   seed=config.seed, batch_size=_metric_batch_size(run))
+
+
+def _harmless_kl(run: Run, spec: InterventionSpec, sets: dict[str, DirectionSet], completions: Completions) -> dict:
+    """KL(baseline || intervened) on the harmless test prompts and the baseline's own completions
+    (first ``kl_tokens`` tokens), with the intervention applied as capability metrics apply it
+    (``plan.capability_sign``). Hooks, never baked weights: both models run per batch."""
+    base = completions["baseline"][run.config.harmless_eval]
+    built = build_for_capability(spec, sets)
+    return completion_kl(run.adapter, [r["prompt"] for r in base], [r["response"] for r in base],
+                         lambda: intervene(run.adapter, built), n_tokens=run.config.kl_tokens,
+                         batch_size=_metric_batch_size(run), desc=f"KL {spec.name}").to_dict()
+
+
+# ---------------------------------------------------------------------- safety judge (model freed first)
+def _safety_metrics(run: Run, plan: list[InterventionSpec], completions: Completions,
+                    notes: list[str]) -> dict[str, dict[str, dict]]:
+    """LlamaGuard verdicts per intervention and harmful dataset (``verdicts[name][dataset]``), or a
+    "not run" reason for all. Saved verdicts are reused; the judge runs only on the others."""
+    config = run.config
+    if not config.safety_judge or config.safety_judge.lower() == "none":
+        reason = "no safety judge configured (--safety-judge none)"
+        return {s.name: {d: {"status": "not run", "reason": reason} for d in config.eval_datasets} for s in plan}
+    results, todo = _saved_safety(run, plan)
+    if not todo:
+        return results
+    free_model(run)  # the judge is loaded only after the evaluated model is freed
+    pairs = [[(r["prompt"], r["response"]) for r in completions[spec.name][d]] for spec, d in todo]
+    verdicts = run_safety_judge(config.safety_judge, pairs, device=config.device, min_words=config.judge_min_words,
+                                gpu_memory_fraction=config.judge_gpu_memory_fraction)
+    key = run.stage_key("evaluate")
+    for (spec, d), verdict in zip(todo, verdicts):
+        if verdict.get("status") == "ok":
+            write_json(metric_path(run, spec, f"safety/{d}"), {"key": key, **verdict})
+        results[spec.name][d] = verdict
+    reason = next((v["reason"] for v in verdicts if v.get("status") != "ok"), None)
+    if reason:
+        notes.append(f"safety judge not run: {reason}")
+    return results
+
+
+def _saved_safety(run: Run, plan: list[InterventionSpec]) -> tuple[dict[str, dict[str, dict]], list[tuple[InterventionSpec, str]]]:
+    """The valid saved safety verdicts, and the (intervention, dataset) pairs still to judge."""
+    key = run.stage_key("evaluate")
+    results: dict[str, dict[str, dict]] = {s.name: {} for s in plan}
+    todo = []
+    for spec in plan:
+        for d in run.config.eval_datasets:
+            saved = None if run.config.force_overwrite else valid_json(metric_path(run, spec, f"safety/{d}"), key)
+            if saved is not None:
+                results[spec.name][d] = saved
+            else:
+                todo.append((spec, d))
+    return results, todo
+
+
+def free_model(run: Run) -> None:
+    """Release the evaluated model's memory (before loading a judge)."""
+    model = run.adapter.model
+    run.adapter.model = None  # type: ignore[assignment]
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

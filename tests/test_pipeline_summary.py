@@ -1,0 +1,119 @@
+"""The assembly of evaluate/summary.json (pipeline.summary): the one path from per-item outcomes to cells.
+
+The end-to-end checks on a real run's summary are in test_pipeline.py; here each step on small inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from refusal_directions.config import build_config
+from refusal_directions.evaluation import summary as S
+from refusal_directions.evaluation.coherence import Thresholds, coherence_features
+from refusal_directions.evaluation.stats import wilson_interval
+from refusal_directions.interventions import InterventionSpec
+from refusal_directions.pipeline.summary import (
+    UNCATEGORIZED, Loss, Mean, NotRun, Rate, assemble_summary, intervention_measures, judge_harmful_set, measure_cell,
+    per_category,
+)
+
+RESPONSES = ["I cannot help.", "Sure, here is how you do it step by step.", "As an AI, no.", "Here you go, the plan is simple."]
+CATEGORIES = ["a", "a", "b", None]
+
+
+def rows(responses=RESPONSES, categories=CATEGORIES) -> list[dict]:
+    return [{"prompt": f"prompt {i}", "response": r, "category": c} for i, (r, c) in enumerate(zip(responses, categories))]
+
+
+def test_per_category_attack_success_spells_uncategorized_once():
+    success = [False, True, False, True]
+    table = per_category(rows(), success, coherent=[False, True, False, False])
+    assert list(table) == ["a", "b", UNCATEGORIZED] and UNCATEGORIZED == "uncategorized"
+    assert table["a"] == {"attack_success": 0.5, "coherent_attack_success": 0.5, "n": 2}
+    assert table["b"] == {"attack_success": 0.0, "coherent_attack_success": 0.0, "n": 1}
+    assert table[UNCATEGORIZED] == {"attack_success": 1.0, "coherent_attack_success": 0.0, "n": 1}
+
+
+def test_measure_cells_test_against_the_baselines_measure_of_the_same_kind():
+    success = Rate([False, True, False, True])
+    cell = measure_cell(success, None, seed=0)
+    assert cell["value"] == 0.5 and cell["ci"] == pytest.approx(list(wilson_interval(2, 4))) and cell["ci_method"] == "wilson"
+    assert cell["p_vs_baseline"] is None and cell["test"] is None  # the baseline itself
+    assert measure_cell(success, Rate([False] * 4), seed=0) == S.binary_cell(success.items, [False] * 4, 0)
+    assert measure_cell(success, NotRun("no judge"), seed=0)["test"] is None  # a baseline not run: no test
+    assert measure_cell(NotRun("no judge"), success, seed=0) == {"status": "not run", "reason": "no judge"}
+    loss = Loss([2.0, 3.0, 2.5], [10, 20, 5])
+    paired = measure_cell(loss, Loss([2.0, 2.5, 2.5], [10, 20, 5]), seed=3)
+    assert paired == S.loss_cell([2.0, 3.0, 2.5], [10, 20, 5], ([2.0, 2.5, 2.5], [10, 20, 5]), 3)
+    assert paired["test"] == "paired_bootstrap"
+    kl = measure_cell(Mean([0.1, 0.3], weights=[1, 3]), Mean([0.0, 0.0]), seed=1)
+    assert kl == S.mean_cell([0.1, 0.3], 1, weights=[1, 3]) and kl["test"] is None  # KL: never tested
+
+
+def test_judge_harmful_set_reads_refusal_onset_and_coherence_of_the_answer():
+    degenerate = "again " * 60
+    responses = [*RESPONSES, degenerate, "Sure. First you take the car, then you drive it far away from the house, quietly and slowly, with the lights off, "
+                               "at night, to the old barn. I cannot continue."]
+    features = coherence_features(responses)
+    judged = judge_harmful_set(rows(responses, [None] * len(responses)), features, Thresholds(), "arditi")
+    assert judged.refused == [True, False, True, False, False, True]
+    assert judged.success == [False, True, False, True, True, False]
+    assert judged.onsets == ["start", "none", "start", "none", "none", "delayed"]
+    assert judged.degenerate == [False, False, False, False, True, False] and judged.reasons[4]
+    assert judged.coherent == [False, True, False, True, False, False]  # not refused and not degenerate
+
+
+def _outcomes(correct: list[bool], losses: list[float]) -> dict:
+    return {
+        "ce/general": {"doc_losses": losses, "doc_tokens": [5, 5]},
+        "ce/alpaca": {"status": "not run", "reason": "no Alpaca outputs"},
+        "ce/on_distribution": {"doc_losses": losses, "doc_tokens": [3, 4]},
+        "kl/harmless": {"first_token": [0.0, 0.0], "mean_per_token": [0.0, 0.0], "n_tokens": [2, 2]},
+        "mmlu": {"questions": [{"correct": c} for c in correct], "chance_level": 0.25},
+        "arc_challenge": {"questions": [{"correct": c, "correct_norm": not c} for c in correct], "chance_level": 0.25},
+    }
+
+
+def test_every_metric_of_an_intervention_in_the_table_order():
+    judged = {"jailbreakbench": judge_harmful_set(rows(), coherence_features(RESPONSES), Thresholds(), "arditi")}
+    safety = {"jailbreakbench": {"status": "ok", "unsafe": [False, True, False, True]}}
+    measures = intervention_measures(judged, safety, rows(["I cannot.", "Sure."], [None, None]),
+                                     _outcomes([True, False], [2.0, 3.0]), "arditi")
+    d = "jailbreakbench"
+    assert list(measures) == [f"attack_success/{d}", f"coherent_attack_success/{d}", f"degenerate/{d}", f"delayed_refusal/{d}",
+                              f"safety/{d}", "harmless_refusal", "ce/general", "ce/alpaca", "ce/on_distribution",
+                              "kl/harmless_first_token", "kl/harmless", "mmlu", "arc_challenge/acc", "arc_challenge/acc_norm"]
+    assert measures[f"attack_success/{d}"] == Rate([False, True, False, True])
+    assert measures[f"safety/{d}"] == Rate([False, True, False, True])
+    assert measures["harmless_refusal"] == Rate([True, False]) and measures["ce/alpaca"] == NotRun("no Alpaca outputs")
+    assert measures["ce/general"] == Loss([2.0, 3.0], [5, 5]) and measures["kl/harmless"] == Mean([0.0, 0.0], weights=[2, 2])
+    assert measures["arc_challenge/acc_norm"] == Rate([False, True])
+    safety_not_run = {d: {"status": "not run", "reason": "no judge"}}
+    assert intervention_measures(judged, safety_not_run, rows(["ok"], [None]), _outcomes([True], [2.0, 2.0]),
+                                 "arditi")[f"safety/{d}"] == NotRun("no judge")
+
+
+def test_assembled_summary_compares_every_intervention_with_the_baseline():
+    config, _ = build_config({"eval_datasets": ["jailbreakbench"]}, gpu_available=False)
+    plan = [InterventionSpec("baseline", "baseline"), InterventionSpec("x.ablation@all", "removal", method="x")]
+    harmful = {"baseline": rows(["I cannot."] * 4), "x.ablation@all": rows()}
+    completions = {name: {"jailbreakbench": r, config.harmless_eval: rows(["Sure."], [None])} for name, r in harmful.items()}
+    coherence = {name: {"jailbreakbench": {"features": [f.to_dict() for f in coherence_features([x["response"] for x in r])]}}
+                 for name, r in harmful.items()}
+    outcomes = {"baseline": _outcomes([True, False], [2.0, 2.0]), "x.ablation@all": _outcomes([True, False], [2.5, 3.0])}
+    safety = {name: {"jailbreakbench": {"status": "not run", "reason": "no judge"}} for name in harmful}
+    notes: list[str] = []
+    summary = assemble_summary(config, plan, completions, outcomes, safety, coherence, notes)
+    assert list(summary) == ["interventions", "metrics", "results", "p_adjustment", "per_category", "chance_flags",
+                             "coherence_thresholds", "examples", "notes"]
+    base, ablated = summary["results"]["baseline"], summary["results"]["x.ablation@all"]
+    assert set(base) == set(ablated) == set(summary["metrics"])
+    assert base["attack_success/jailbreakbench"]["value"] == 0.0 and ablated["attack_success/jailbreakbench"]["value"] == 0.5
+    assert base["attack_success/jailbreakbench"]["test"] is None and ablated["attack_success/jailbreakbench"]["test"] == "mcnemar"
+    assert "p_raw" in ablated["attack_success/jailbreakbench"] and "p_raw" not in base["attack_success/jailbreakbench"]
+    assert ablated["ce/general"]["test"] == "paired_bootstrap" and ablated["safety/jailbreakbench"]["status"] == "not run"
+    assert summary["per_category"]["x.ablation@all"]["jailbreakbench"][UNCATEGORIZED]["n"] == 1
+    assert [e["refused"] for e in summary["examples"]["x.ablation@all"]] == [True, False, True]  # the first three
+    assert summary["coherence_thresholds"]["jailbreakbench"]["calibrated_on"] == "baseline"
+    assert summary["notes"] is notes and any(n.startswith("mmlu: the baseline's 95% interval includes chance") for n in notes)
+    assert summary["chance_flags"]["mmlu"]["flagged"]
