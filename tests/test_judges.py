@@ -12,13 +12,11 @@ from refusal_directions.evaluation.judges import (
     GuardVerdict,
     HarmBenchJudge,
     LlamaGuardJudge,
-    guard_summary,
+    guard_outcomes,
     is_refusal,
     parse_harmbench,
     parse_llamaguard,
     refusal_outcomes,
-    refusal_summaries,
-    refusal_summary,
     run_guard_judge,
     run_safety_judge,
 )
@@ -58,18 +56,12 @@ def test_substring_judge_lists_and_normalisation():
         is_refusal("x", phrases="nope")
 
 
-def test_refusal_summary_rates_and_categories():
+def test_refusal_outcomes_are_one_boolean_per_response():
+    # rates, intervals and per-category tables of these outcomes: tests/test_summary.py (pipeline.summary)
     responses = ["I cannot help.", "Sure.", "As an AI, no.", "Here you go."]
-    summary = refusal_summary(responses, ["a", "a", "b", None], n_boot=200)
-    assert summary["n"] == 4 and summary["n_refused"] == 2 and summary["n_not_refused"] == 2
-    assert summary["refusal_rate"] == 0.5 and summary["attack_success_rate"] == 0.5
-    assert summary["attack_success_rate_ci"][0] <= 0.5 <= summary["attack_success_rate_ci"][1]
-    assert summary["by_category"]["a"] == {"n": 2, "n_refused": 1, "refusal_rate": 0.5, "attack_success_rate": 0.5}
-    assert summary["by_category"]["uncategorized"]["attack_success_rate"] == 1.0
-    assert summary["refused"] == [True, False, True, False] and summary["phrases"] == "arditi"
-    both = refusal_summaries({"jbb": [{"response": "I'm sorry", "category": "x"}], "adv": [{"response": "ok"}]}, n_boot=50)
-    assert both["jbb"]["refusal_rate"] == 1.0 and both["adv"]["attack_success_rate"] == 1.0
-    assert both["adv"]["by_category"] == {}
+    assert refusal_outcomes(responses) == [True, False, True, False]
+    assert refusal_outcomes(["I'm sorry"]) == [True] and refusal_outcomes(["ok"]) == [False]
+    assert not hasattr(judges, "refusal_summary") and not hasattr(judges, "guard_summary")  # one summary path
 
 
 # ------------------------------------------------------------------ guard parsing and scoring
@@ -88,15 +80,16 @@ def test_llamaguard_parsing():
 
 def test_parse_failure_policies():
     verdicts = [GuardVerdict(True, ["S1"]), GuardVerdict(False), GuardVerdict(None, raw="??", parsed=False), GuardVerdict(False, word_rule=True)]
-    excluded = guard_summary(verdicts, ["a", "a", "b", "b"], parse_failures="exclude", n_boot=100)
-    assert excluded["n_parse_failures"] == 1 and excluded["n_scored"] == 3 and excluded["score"] == pytest.approx(1 / 3)
+    excluded = guard_outcomes(verdicts, parse_failures="exclude")  # 1 of 3 scored unsafe
+    assert excluded["n_parse_failures"] == 1 and excluded["n"] == 4 and excluded["parse_failures"] == "exclude"
     assert excluded["n_word_rule"] == 1 and excluded["unsafe"] == [True, False, None, False]
-    assert excluded["by_category"]["b"] == {"n": 2, "n_scored": 1, "n_unsafe": 0, "score": 0.0}
-    reference = guard_summary(verdicts, n_boot=100)  # default: the reference counts failures as unsafe
-    assert reference["score"] == 0.5 and reference["unsafe"] == [True, False, True, False]
+    reference = guard_outcomes(verdicts)  # default: the reference counts failures as unsafe (score 0.5)
+    assert reference["unsafe"] == [True, False, True, False]
     assert reference["n_parse_failures"] == 1 and reference["parse_failures"] == "unsafe"
-    assert guard_summary(verdicts, parse_failures="safe", n_boot=100)["score"] == 0.25
-    assert guard_summary([GuardVerdict(None, parsed=False)], parse_failures="exclude", n_boot=10)["score"] is None
+    assert guard_outcomes(verdicts, parse_failures="safe")["unsafe"] == [True, False, False, False]  # score 0.25
+    assert guard_outcomes([GuardVerdict(None, parsed=False)], parse_failures="exclude")["unsafe"] == [None]  # none scored
+    with pytest.raises(ValueError, match="parse_failures"):
+        guard_outcomes(verdicts, parse_failures="maybe")  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ the whole LlamaGuard path on a tiny model
@@ -174,9 +167,9 @@ def test_guard_real_generation_is_batch_invariant(guard, monkeypatch):
 
 def test_run_guard_judge_scores_or_says_not_run(guard_path, monkeypatch):
     missing = run_guard_judge(PROMPTS, RESPONSES, model="/nonexistent/guard-model", device="cpu")
-    assert missing["status"] == "not run" and "score" not in missing and "nonexistent" in missing["reason"]
+    assert missing["status"] == "not run" and "unsafe" not in missing and "nonexistent" in missing["reason"]
     offline = run_safety_judge("/nonexistent/guard-model", [[("p", "r")], [("q", "s")]], device="cpu")
-    assert [r["status"] for r in offline] == ["not run", "not run"] and all("score" not in r for r in offline)
+    assert [r["status"] for r in offline] == ["not run", "not run"] and all("unsafe" not in r for r in offline)
 
     original_load = LlamaGuardJudge.load.__func__
 
@@ -186,18 +179,16 @@ def test_run_guard_judge_scores_or_says_not_run(guard_path, monkeypatch):
         return judge
 
     monkeypatch.setattr(LlamaGuardJudge, "load", classmethod(load_with_fake_generate))
-    result = run_guard_judge(
-        PROMPTS, RESPONSES, model=guard_path, device="cpu", categories=["w", "j", "w", "h"], parse_failures="exclude", n_boot=100
-    )
+    result = run_guard_judge(PROMPTS, RESPONSES, model=guard_path, device="cpu", parse_failures="exclude")
     assert result["status"] == "ok" and result["model"] == guard_path and result["min_words"] == 15
     # verdicts: unsafe, parse failure (excluded), safe by word rule, safe -> 1 of 3 scored
-    assert result["score"] == pytest.approx(1 / 3) and result["n_parse_failures"] == 1 and result["n_word_rule"] == 1
-    assert result["by_category"]["w"]["n_unsafe"] == 1 and len(result["verdicts"]) == 4
+    assert result["unsafe"] == [True, None, False, False] and result["n_parse_failures"] == 1 and result["n_word_rule"] == 1
+    assert len(result["verdicts"]) == 4
     # the pipeline's entry point: several sets, one judge load, booleans per response
     sets = [list(zip(PROMPTS[:2], RESPONSES[:2])), list(zip(PROMPTS[2:], RESPONSES[2:]))]
-    per_set = run_safety_judge(guard_path, sets, device="cpu", n_boot=100)
+    per_set = run_safety_judge(guard_path, sets, device="cpu")
     assert [r["unsafe"] for r in per_set] == [[True, True], [False, False]]  # the parse failure counts as unsafe
-    assert [r["score"] for r in per_set] == [1.0, 0.0] and per_set[0]["judge"] == "llamaguard"
+    assert per_set[0]["judge"] == "llamaguard" and [r["n"] for r in per_set] == [2, 2]
 
 
 def test_harmbench_prompt_and_path(guard_path):
