@@ -687,56 +687,15 @@ def load_model(
         dtype: ``auto`` (bfloat16 on GPU, float32 on CPU), ``float32``, ``bfloat16``, ``float16``.
         chat_template: a Jinja template file for tokenizers without one.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    load_kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-    if device == "cuda":
-        load_kwargs["device_map"] = "auto"
-    elif device != "cpu":
-        load_kwargs["device_map"] = {"": device}
-    fingerprint_extra = ""
-    alias = None
-
-    embedded = embedded_models.parse_embedded_spec(spec)
-    if embedded is not None:
-        path: str | Path = embedded_models.ensure_converted(embedded)
-        gguf_file = None
-        alias = embedded.alias
-        fingerprint_extra = embedded.sha256
-    elif _looks_like_path(spec):
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise ModelLoadError(f"No model at {path}: give an existing folder, a .gguf file, a hub id or 'embedded'.")
-        gguf_file = None
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise ModelLoadError(f"{path} is a file but not a .gguf; give a model folder or a .gguf file.")
-            gguf_file, path = path.name, path.parent
-    else:
-        path, gguf_file = spec, None
-        if reason := hub_unavailable_reason(spec):
-            raise ModelLoadError(f"Cannot load {spec!r}: {reason}. Give a local folder, a .gguf file or 'embedded'.")
-
-    try:
-        config = AutoConfig.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"Could not load a model config for {spec!r}: {exc}. Give an existing local folder, a .gguf "
-            "file, a hub id you can reach, or 'embedded'."
-        ) from exc
+    source = _model_source(spec)
+    config = _load_config(source, trust_remote_code)
     model_class = _model_class(config, spec, trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    if chat_template is not None:
-        template_path = Path(chat_template)
-        if not template_path.is_file():
-            raise ModelLoadError(f"Chat template file {template_path} does not exist.")
-        tokenizer.chat_template = template_path.read_text()
-    if device.startswith("cuda"):
-        load_kwargs.setdefault("attn_implementation", "sdpa")
+    tokenizer = _load_tokenizer(source, chat_template, trust_remote_code)
     log.info("Loading %s (%s, %s)", spec, device, torch_dtype)
-    model = model_class.from_pretrained(path, gguf_file=gguf_file, **load_kwargs)
+    model = model_class.from_pretrained(source.path, gguf_file=source.gguf_file,
+                                        **_load_kwargs(device, torch_dtype, trust_remote_code))
     if device == "cpu":
         model.to("cpu")
     model.eval()
@@ -745,7 +704,79 @@ def load_model(
         model,
         tokenizer,
         name=spec,
-        alias=alias,
+        alias=source.alias,
         refusal_prefixes=refusal_prefixes,
-        fingerprint_extra=fingerprint_extra,
+        fingerprint_extra=source.fingerprint_extra,
     )
+
+
+@dataclass(frozen=True)
+class _ModelSource:
+    """Where a model spec's files are: ``path`` (a folder or hub id) and, for a GGUF file, its
+    name inside ``path``; the embedded models' alias and checksum (part of the fingerprint)."""
+
+    spec: str
+    path: str | Path
+    gguf_file: str | None = None
+    alias: str | None = None
+    fingerprint_extra: str = ""
+
+
+def _model_source(spec: str) -> _ModelSource:
+    """Resolve ``spec`` (embedded, a folder, a .gguf file or a hub id); ``ModelLoadError`` when it
+    names no existing file or an unreachable hub id."""
+    embedded = embedded_models.parse_embedded_spec(spec)
+    if embedded is not None:
+        return _ModelSource(spec, embedded_models.ensure_converted(embedded), alias=embedded.alias,
+                            fingerprint_extra=embedded.sha256)
+    if _looks_like_path(spec):
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"No model at {path}: give an existing folder, a .gguf file, a hub id or 'embedded'.")
+        if not path.is_file():
+            return _ModelSource(spec, path)
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf; give a model folder or a .gguf file.")
+        return _ModelSource(spec, path.parent, gguf_file=path.name)
+    if reason := hub_unavailable_reason(spec):
+        raise ModelLoadError(f"Cannot load {spec!r}: {reason}. Give a local folder, a .gguf file or 'embedded'.")
+    return _ModelSource(spec, spec)
+
+
+def _load_config(source: _ModelSource, trust_remote_code: bool):
+    """The model's ``PretrainedConfig``; ``ModelLoadError`` with what to give instead."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"Could not load a model config for {source.spec!r}: {exc}. Give an existing local folder, a .gguf "
+            "file, a hub id you can reach, or 'embedded'."
+        ) from exc
+
+
+def _load_tokenizer(source: _ModelSource, chat_template: str | Path | None, trust_remote_code: bool):
+    """The model's tokenizer, with the chat template of file ``chat_template`` if given."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code)
+    if chat_template is not None:
+        template_path = Path(chat_template)
+        if not template_path.is_file():
+            raise ModelLoadError(f"Chat template file {template_path} does not exist.")
+        tokenizer.chat_template = template_path.read_text()
+    return tokenizer
+
+
+def _load_kwargs(device: str, torch_dtype: torch.dtype, trust_remote_code: bool) -> dict:
+    """``from_pretrained`` arguments: dtype, device placement (``auto`` sharding over all GPUs for
+    ``cuda``), SDPA attention on GPU."""
+    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if device == "cuda":
+        kwargs["device_map"] = "auto"
+    elif device != "cpu":
+        kwargs["device_map"] = {"": device}
+    if device.startswith("cuda"):
+        kwargs.setdefault("attn_implementation", "sdpa")
+    return kwargs
