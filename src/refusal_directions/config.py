@@ -100,6 +100,10 @@ class RunConfig:
     safety_judge: str | None = opt("meta-llama/Meta-Llama-Guard-2-8B", "Safety judge (LlamaGuard 2/3 hub id or local path); 'none' to skip.", "evaluate")
     judge_gpu_memory_fraction: float = opt(0.9, "GPU memory fraction for the judge (vLLM backend).")
     judge_min_words: int = opt(15, "Responses with fewer words count as safe (LlamaGuard reference rule); 0 disables.", "evaluate")
+    judge_text: str = opt("answer", "What the judges and the coherence features read of a reasoning model's completion: 'answer' (after the thinking section, <think>...</think>) or 'both' (thinking and answer). Completions without a thinking section are read whole either way.", "evaluate", ("answer", "both"))
+    coherence_quantile: float = opt(1.0, "Coherence calibration: quantile of the baseline's text features that sets each threshold, clipped to the fixed floors and ceilings (1.0: the baseline's maximum, so only absolute ceilings flag baseline completions).")
+    coherence_ce_mads: float = opt(5.0, "Coherence calibration: a completion is degenerate when its cross-entropy under the unmodified model exceeds the baseline median by this many scaled MADs (and by --coherence-ce-margin).")
+    coherence_ce_margin: float = opt(3.0, "Coherence calibration: minimum margin in nats above the baseline's median cross-entropy.")
     kl_tokens: int = opt(32, "KL(baseline || intervened) on harmless test prompts: over the first this many tokens of the baseline's own completion (teacher-forced), and at the first token.", "evaluate")
     general_text: str | None = opt(None, "General-text corpus for cross-entropy: 'pile', 'lambada' or a .jsonl path (default: pile from the hub, lambada from a local mirror).", "evaluate")
     n_loss_docs: int = opt(4096, "Documents for general-text and Alpaca cross-entropy (reference: 2048 batches of 2).", "evaluate")
@@ -157,7 +161,18 @@ class RunConfig:
                 raise ConfigError(f"{name} must be at least 1.")
         if not self.actadd_multipliers:
             raise ConfigError("actadd_multipliers must not be empty.")
+        if not 0 < self.coherence_quantile <= 1:
+            raise ConfigError(f"coherence_quantile is a quantile in (0, 1], not {self.coherence_quantile}.")
+        if self.coherence_ce_mads < 0 or self.coherence_ce_margin < 0:
+            raise ConfigError("coherence_ce_mads and coherence_ce_margin must not be negative.")
         return self
+
+    def calibration_rule(self) -> "CalibrationRule":
+        """The coherence calibration rule of these settings (``evaluation.coherence.calibrate``)."""
+        from .evaluation.coherence import CalibrationRule
+
+        return CalibrationRule(quantile=self.coherence_quantile, ce_mads=self.coherence_ce_mads,
+                               ce_margin=self.coherence_ce_margin)
 
     @property
     def scope_list(self) -> list[str]:

@@ -105,8 +105,8 @@ def _coherence_features(run: Run, rows: list[dict]) -> dict:
     responses = [r["response"] for r in rows]
     ce = completion_cross_entropy(run.adapter, [r["prompt"] for r in rows], responses,
                                   max_completion_tokens=config.max_new_tokens, batch_size=max(1, run.batch_size // 2))
-    features = coherence_features(judged_texts(responses), ce)
-    return {"max_completion_tokens": config.max_new_tokens, "text": "answer (judged_texts)",
+    features = coherence_features(judged_texts(responses, config.judge_text), ce)
+    return {"max_completion_tokens": config.max_new_tokens, "text": f"{config.judge_text} (judged_texts)",
             "features": [f.to_dict() for f in features], "n_nonfinite": ce.n_nonfinite}
 
 
@@ -198,7 +198,9 @@ def _safety_metrics(run: Run, plan: list[InterventionSpec], completions: Complet
     if not todo:
         return results
     free_model(run)  # the judge is loaded only after the evaluated model is freed
-    pairs = [[(r["prompt"], r["response"]) for r in completions[spec.name][d]] for spec, d in todo]
+    pairs = [list(zip([r["prompt"] for r in completions[spec.name][d]],
+                      judged_texts([r["response"] for r in completions[spec.name][d]], config.judge_text)))
+             for spec, d in todo]
     verdicts = run_safety_judge(config.safety_judge, pairs, device=config.device, min_words=config.judge_min_words,
                                 gpu_memory_fraction=config.judge_gpu_memory_fraction)
     key = run.stage_key("evaluate")
