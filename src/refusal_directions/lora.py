@@ -35,13 +35,16 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .interventions import BakingError, Removal, _write_projections, check_bakeable
 from .models import ModelAdapter
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +177,7 @@ def lora_edits(adapter: ModelAdapter, removal: Removal) -> list[WeightEdit]:
 
 
 # ---------------------------------------------------------------------- peft
-def lora_config_for(edits: list[WeightEdit], rank: int, base_model: str | None = None):
+def lora_config_for(edits: list[WeightEdit], rank: int, base_model: str | None = None) -> LoraConfig:
     """The ``peft.LoraConfig`` targeting exactly the edited parameters: ``r = lora_alpha = rank``
     (scaling 1), no dropout, ``bias="lora_only"`` when dense biases are stored."""
     from peft import LoraConfig
@@ -253,7 +256,7 @@ def _verify(layer: nn.Module, edit: WeightEdit) -> None:
 
 
 @torch.no_grad()
-def _peft_state_dict(model: nn.Module, edits: list[WeightEdit], config) -> dict[str, Tensor]:
+def _peft_state_dict(model: nn.Module, edits: list[WeightEdit], config: LoraConfig) -> dict[str, Tensor]:
     """Inject ``config`` into ``model``, fill every LoRA layer from ``edits``, read peft's state dict
     (its own key names), and remove the adapter again (the model is left as it was)."""
     from peft import get_peft_model, get_peft_model_state_dict
@@ -302,7 +305,7 @@ def _peft_state_dict(model: nn.Module, edits: list[WeightEdit], config) -> dict[
 
 
 def lora_adapter_for(adapter: ModelAdapter, removal: Removal, *, dtype: torch.dtype = torch.float32,
-                     base_model: str | None = None) -> tuple["LoraConfig", dict[str, Tensor]]:  # noqa: F821
+                     base_model: str | None = None) -> tuple[LoraConfig, dict[str, Tensor]]:
     """The PEFT LoRA adapter of ``removal`` (all layers): its ``LoraConfig`` and state dict.
 
     ``r = lora_alpha = k`` (the removal's rank; scaling 1). Targets: the input embedding, every write
@@ -339,7 +342,7 @@ def untie_embeddings(model: nn.Module) -> None:
             config.tie_word_embeddings = False
 
 
-def lora_summary(config, state: dict[str, Tensor], model: nn.Module, dtype: torch.dtype) -> dict:
+def lora_summary(config: LoraConfig, state: dict[str, Tensor], model: nn.Module, dtype: torch.dtype) -> dict:
     """What ``refusal_directions.json`` records about an adapter (and the model card shows)."""
     biases = sorted(k.removeprefix(_PEFT_PREFIX).removesuffix(".base_layer.bias") for k in state if k.endswith(".base_layer.bias"))
     return {

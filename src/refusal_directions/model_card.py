@@ -169,8 +169,8 @@ def _what_was_done(art, method: str, export: dict, spec: dict | None, base_model
                   "matrix that writes the residual stream (attention and MLP outputs, every expert)"),
         ("format", form),
         ("exactness", "numerically the intervention the run applied as hooks in its evaluation (the package's tests "
-                      "check baked weights and adapters against the hooks in float32); exact only on the base weights "
-                      "with the fingerprint above"),
+                      "check baked weights and adapters against the hooks in float32)"
+                      + ("; the adapter is exact only on the base weights with the fingerprint above" if lora else "")),
         ("protocol", _protocol_text(config)),
         ("settings", f"preset {config.get('preset')}, n_train {config.get('n_train')}, n_val {config.get('n_val')} "
                      f"(after the refusal filter: {n_val.get('harmful', 'n/a')} harmful, {n_val.get('harmless', 'n/a')} "
