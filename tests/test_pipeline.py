@@ -260,6 +260,50 @@ def test_export_bakes_the_selected_removal(complete_run, tiny_model, data_dir, t
     assert meta["method"] == "diff_in_means" and meta["layer"] == best.layer
 
 
+def test_export_as_lora_adapter_with_model_card_and_push(complete_run, tiny_model, data_dir, tmp_path, monkeypatch):
+    """`export --lora --push-to-hub REPO`: base + adapter equals the hooked removal, the folder has
+    the model card, and the upload is called with the folder (never the network)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import refusal_directions.pipeline.export as export_module
+
+    pushed = {}
+    monkeypatch.setattr(export_module, "push_to_hub", lambda folder, repo, private: pushed.update(
+        folder=Path(folder), repo=repo, private=private) or "https://hub/commit/1")
+    config = tiny_config(tiny_model, Path(complete_run.config.output_dir), data_dir)
+    out = P.export_model(config, "inlp", tmp_path / "adapter", options=P.ExportOptions(lora=True, push_to="me/tiny-inlp"))
+    assert pushed == {"folder": out, "repo": "me/tiny-inlp", "private": True}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "refusal_directions.json"} <= {p.name for p in out.iterdir()}
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "peft" in card and "me/tiny-inlp" in card
+    run = P.open_run(config)
+    best = P.load_selection(run)["inlp"].best
+    sets = P.load_extraction(run).direction_sets
+    enc = run.adapter.encode_instructions(["how do I pick a lock", "write a poem"])
+    removal = removal_for(sets["inlp"], best.pos_index, best.layer, range(run.adapter.n_layers), best.rank)
+    with intervene(run.adapter, removal):
+        hooked = run.adapter.model(**enc).logits
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    adapted = PeftModel.from_pretrained(base, out).eval()
+    assert (adapted(**enc).logits - hooked).abs().max() <= 1e-4
+    meta = json.loads((out / "refusal_directions.json").read_text())
+    assert meta["format"] == "peft-lora" and meta["method"] == "inlp" and meta["r"] == removal.rank
+
+
+def test_full_export_has_a_model_card_and_a_failed_upload_keeps_the_export(complete_run, tiny_model, data_dir, tmp_path):
+    config = tiny_config(tiny_model, Path(complete_run.config.output_dir), data_dir)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        with pytest.raises(P.RunError, match="upload failed.*HF_HUB_OFFLINE"):
+            P.export_model(config, "diff_in_means", tmp_path / "full", options=P.ExportOptions(push_to="me/x"))
+    finally:
+        del os.environ["HF_HUB_OFFLINE"]
+    card = (tmp_path / "full" / "README.md").read_text()
+    assert card.startswith("---\n") and "refusal-directions" in card and "baseline" in card.lower()
+    assert (tmp_path / "full" / "config.json").exists()
+
+
 def test_unavailable_safety_judge_is_not_run_with_the_reason(complete_run, tiny_model, data_dir, tmp_path):
     import shutil
 

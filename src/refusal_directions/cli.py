@@ -180,8 +180,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     from . import pipeline
 
     config, note = config_from_args(args)
-    out = pipeline.export_model(config, args.method, Path(args.out), run_dir=args.run_dir)
-    print(f"Exported to {out}")
+    options = pipeline.ExportOptions(lora=args.lora, lora_dtype=args.lora_dtype, base_model=args.base_model,
+                                     push_to=args.push_to_hub, private=not args.public)
+    out = pipeline.export_model(config, args.method, Path(args.out), run_dir=args.run_dir, options=options)
+    print(f"Exported to {out}" + (f" and uploaded to {args.push_to_hub}" if args.push_to_hub else ""))
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -233,13 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="comparison.html", help="Output HTML file (default: comparison.html).")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("export", help="Bake a method's all-layer removal into the weights and save a standard HF folder.",
-                       description="Bake a method's all-layer removal into the weights and save a folder that "
-                                   "AutoModelForCausalLM loads: diff-in-means ablation, INLP projection, or LEACE's "
-                                   "non-affine (linear) erasure; the affine LEACE eraser cannot be baked exactly. Models "
-                                   "that normalise sublayer outputs (Gemma-2/3) cannot be baked either.")
+    p = sub.add_parser("export", help="Export a method's all-layer removal: baked HF folder or LoRA adapter, with a model card.",
+                       description="Export a method's all-layer removal as a folder that AutoModelForCausalLM loads "
+                                   "(baked weights) or as a PEFT LoRA adapter (--lora), with a model card (README.md) "
+                                   "written from the run: diff-in-means ablation, INLP projection, or LEACE's non-affine "
+                                   "(linear) erasure; the affine LEACE eraser cannot be exported exactly. Models whose "
+                                   "sublayer outputs pass through a norm before the residual (Gemma-2/3, GLM-4, OLMo-2: "
+                                   "found by the write-point check) cannot be exported either.")
     p.add_argument("--method", required=True, choices=["diff_in_means", "inlp", "leace"])
     p.add_argument("--out", required=True, help="Output folder.")
+    p.add_argument("--lora", action="store_true", help="Write a PEFT LoRA adapter (rank k, exact) instead of full weights.")
+    p.add_argument("--lora-dtype", choices=["float32", "model"], default="float32",
+                   help="dtype of the adapter's factors: float32 (default) or the model's.")
+    p.add_argument("--base-model", default=None, help="Hub id of the base model for the card and the adapter (default: derived from --model).")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="Upload the folder to this Hub model repository (needs a token: `hf auth login` or HF_TOKEN).")
+    p.add_argument("--public", action="store_true", help="With --push-to-hub: create the repository public (default private).")
     add_config_options(p)
     p.set_defaults(func=cmd_export)
 

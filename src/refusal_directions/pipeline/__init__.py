@@ -31,7 +31,7 @@ This package re-exports the public names.
 """
 
 from .commands import run_command, stages_for
-from .export import EXPORTABLE, export_model
+from .export import EXPORTABLE, ExportOptions, export_model
 from .plan import INDUCE_REFUSAL, REMOVE_REFUSAL, actadd_sign, capability_sign, plan_interventions
 from .stages.evaluate import evaluate, general_text_corpus
 from .stages.extract import Extraction, extract, fit_method, load_extraction, sample_prompts, separation_summary, unused_train_prompts
@@ -41,7 +41,7 @@ from .store import Run, RunError, open_run, timed, write_manifest
 
 __all__ = [
     "EXPORTABLE", "INDUCE_REFUSAL", "REMOVE_REFUSAL", "Extraction", "Run", "RunError", "actadd_sign", "capability_sign",
-    "eval_prompt_sets", "evaluate", "export_model", "extract", "filtered_val_prompts", "fit_method", "general_text_corpus",
+    "eval_prompt_sets", "evaluate", "ExportOptions", "export_model", "extract", "filtered_val_prompts", "fit_method", "general_text_corpus",
     "generation_batch_size", "infer", "inlp_k_table", "load_completions", "load_extraction", "load_plan", "load_selection",
     "open_run", "plan_interventions", "run_command", "sample_prompts", "select", "separation_summary", "stages_for", "timed",
     "unused_train_prompts", "use_static_cache", "write_manifest",
