@@ -142,7 +142,8 @@ def test_coherence_cells_and_thresholds_from_the_saved_features(complete_run):
     features = [CoherenceFeatures(**f) for f in saved["features"]]
     assert all(f.ce_tokens > 0 and math.isfinite(f.ce) for f in features)  # scored by the unmodified model
     thresholds = calibrate(features)
-    assert summary["coherence_thresholds"][d] == {"calibrated_on": "baseline", **thresholds.to_dict()}
+    assert summary["coherence_thresholds"][d] == {"calibrated_on": "baseline", "quantile": 1.0, "ce_mads": 5.0,
+                                                  "ce_margin": 3.0, **thresholds.to_dict()}
     flags, reasons = degenerate_flags(features, thresholds)
     assert summary["results"]["baseline"][f"degenerate/{d}"]["value"] == pytest.approx(sum(flags) / 3)
     examples = [e for e in summary["examples"]["baseline"] if e["dataset"] == d]
