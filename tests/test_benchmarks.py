@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from refusal_directions.evaluation import benchmarks
 from refusal_directions.evaluation.benchmarks import (
@@ -17,7 +17,7 @@ from refusal_directions.evaluation.benchmarks import (
 )
 from refusal_directions.evaluation.loss import SequenceScores
 from refusal_directions.models import ModelAdapter
-from tiny import CHATML_TEMPLATE, SPECIAL_TOKENS, make_adapter, make_config
+from tiny import CHATML_TEMPLATE, SPECIAL_TOKENS, make_adapter, make_config, model_from_config
 
 LETTERS = "ABCD"
 
@@ -39,13 +39,7 @@ def letter_adapter() -> ModelAdapter:
     tokenizer.chat_template = CHATML_TEMPLATE
     config = make_config("qwen2", n_layers=2)
     config.vocab_size = 272
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0, 0.2)
-    return ModelAdapter(model.eval().requires_grad_(False), tokenizer, name="tiny-letters")
+    return ModelAdapter(model_from_config(config), tokenizer, name="tiny-letters")
 
 
 def question(subject: str, text: str, answer: int, choices=("red", "green", "blue", "black")) -> dict:

@@ -17,7 +17,7 @@ from refusal_directions.interventions import Removal, bake, intervene, removal_f
 from refusal_directions.lora import (LoraExportError, lora_adapter_for, lora_edits, save_lora_adapter, tied_embeddings,
                                      untie_embeddings)
 from refusal_directions.models import ModelAdapter
-from tiny import make_config, make_model, make_tokenizer
+from tiny import make_config, make_model, make_tokenizer, model_from_config
 
 N_LAYERS, D_MODEL = 2, 32
 TOLERANCE = 1e-4  # max |logit difference| relative to the largest logit, float32
@@ -48,18 +48,11 @@ def tiny(arch: str, tied: bool = False):
     optionally with tied input/output embeddings."""
     if not tied:
         return make_model(arch, N_LAYERS, D_MODEL, noise=0.1)
-    from transformers import AutoModelForCausalLM
-
     config = make_config(arch, N_LAYERS, D_MODEL)
     config.tie_word_embeddings = True
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0, 0.2)
+    model = model_from_config(config)
     model.tie_weights()
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def adapter_for(arch: str, tied: bool = False) -> ModelAdapter:

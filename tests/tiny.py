@@ -146,14 +146,19 @@ def _auto_class(config):
 
 
 def make_model(arch: str = "qwen2", n_layers: int = 3, d_model: int = 64, seed: int = 0, noise: float = 0.0):
-    """A tiny random causal LM in float32 on CPU, in eval mode.
+    """A tiny random causal LM of ``make_config(arch, n_layers, d_model)`` (``model_from_config``)."""
+    return model_from_config(make_config(arch, n_layers, d_model), seed, noise)
+
+
+def model_from_config(config, seed: int = 0, noise: float = 0.0):
+    """A random causal LM of ``config`` in float32 on CPU, in eval mode.
 
     ``noise`` > 0 (new architectures' tests): fused 3-D expert weights get random values too, and
     every 1-D weight and bias (norm weights, biases) ``1 + noise * N(0, 1)`` resp. ``noise * N(0, 1)``,
     as in a trained model (at init, norm weights are all ones and biases zero, which hides mistakes).
     """
     torch.manual_seed(seed)
-    model = _auto_class(config := make_config(arch, n_layers, d_model)).from_config(config, dtype=torch.float32)
+    model = _auto_class(config).from_config(config, dtype=torch.float32)
     # Random init is small; scale up so that hidden states and logits vary visibly between prompts.
     with torch.no_grad():
         for name, param in model.named_parameters():
