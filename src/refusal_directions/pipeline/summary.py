@@ -2,10 +2,11 @@
 
 Steps, for every planned intervention:
 
-1. judge each harmful set's completions (``judge_harmful_set``): substring refusal of the whole
-   response; on the answer after any thinking section (``reasoning.judged_texts``) the refusal
-   onset and, with the degeneracy thresholds calibrated on the baseline's completions of that set
-   (``coherence.calibrate``), degenerate and coherent attack success;
+1. judge each harmful set's completions (``judge_harmful_set``), all on the judged text
+   (``reasoning.judged_texts``: the answer after any thinking section, or both parts with
+   ``--judge-text both``): substring refusal, refusal onset and, with the degeneracy thresholds
+   calibrated on the baseline's completions of that set (``coherence.calibrate`` with the rule of
+   the settings), degenerate and coherent attack success;
 2. turn every metric's per-item outcomes into a ``Measure`` (``intervention_measures``): a rate,
    a loss, a mean, or not run;
 3. make each measure a cell (``measure_cell``, the builders of ``evaluation.summary``): intervals,
