@@ -6,7 +6,8 @@ keep them; a change meant to change numbers re-records them (and bumps ``STAGE_V
 
     .venv/bin/python tests/test_golden.py --record
 
-Floats are compared to 1e-6 relative (reductions may differ in their last bits between processes);
+Floats are compared to 1e-5 relative or 1e-6 absolute (reductions differ in their last bits between processes and CPUs:
+1e-6 relative differences were seen between two 2-core machines);
 texts and choices exactly. Cells or keys that are new since the recording are ignored, so adding
 a metric does not break the test; losing or changing a recorded one does.
 """
@@ -77,7 +78,7 @@ def _strip_volatile(value):
 
 
 def assert_matches(recorded, actual, path: str = "run") -> None:
-    """Every recorded value is present in ``actual`` and equal (floats to 1e-6 relative)."""
+    """Every recorded value is present in ``actual`` and equal (floats to 1e-5 relative)."""
     if isinstance(recorded, dict):
         assert isinstance(actual, dict), path
         for key, value in recorded.items():
@@ -91,7 +92,7 @@ def assert_matches(recorded, actual, path: str = "run") -> None:
         if math.isnan(recorded):
             assert isinstance(actual, float) and math.isnan(actual), path
         else:
-            assert actual == pytest.approx(recorded, rel=1e-6, abs=1e-9), path
+            assert actual == pytest.approx(recorded, rel=1e-5, abs=1e-6), path
     else:
         assert recorded == actual, path
 

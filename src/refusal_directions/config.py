@@ -33,7 +33,7 @@ STAGES = ("extract", "select", "infer", "evaluate")
 # Bump a stage's number whenever a change to the package changes the numbers that stage computes
 # (directions, scores, rankings, completions, metrics), so that runs made with older code are
 # recomputed instead of silently reused.
-STAGE_VERSIONS: dict[str, int] = {"extract": 1, "select": 1, "infer": 1, "evaluate": 2}
+STAGE_VERSIONS: dict[str, int] = {"extract": 1, "select": 2, "infer": 1, "evaluate": 2}
 
 
 class ConfigError(ValueError):
@@ -93,6 +93,7 @@ class RunConfig:
     eval_datasets: list[str] = opt(["jailbreakbench"], "Harmful evaluation sets.", "infer")
     harmless_eval: str = opt("harmless_test", "Harmless test prompts (refusal on harmless).", "infer")
     max_new_tokens: int = opt(512, "Generation length.", "infer")
+    shared_prefix: str = opt("auto", "Compute the prompts' common prefix (the chat template's opening, e.g. a default system prompt) once per batch and share its KV cache, in selection and CPU generation: auto (on CPU, checked against full sequences first) or off. Equal to full sequences up to float rounding.", "select", ("auto", "off"))
     generation_cache: str = opt("auto", "KV cache for generation: static (compiled decoding with persistent intervention hooks; GPU), dynamic, or auto (static on GPU).", None, ("auto", "static", "dynamic"))
     bake_weights: str = opt("auto", "Generate with weights baked for exact all-layer linear removals: auto or never.", "infer", ("auto", "never"))
     # ------------------------------------------------------------------ evaluation

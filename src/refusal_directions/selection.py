@@ -37,6 +37,8 @@ from .directions.base import DirectionSet
 from .interventions import Intervention, actadd_for, intervene, removal_for
 from .models import ModelAdapter
 from .scopes import Scope
+from .shared_prefix import (MIN_PREFIX_TOKENS, SharedPrefixError, SplitBatch, cache_keyword, check_close,
+                            common_prefix_length, new_cache, split_batch, windows_allow)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,9 @@ class SelectionError(RuntimeError):
 class SelectionSettings:
     """How candidates are scored and filtered.
 
+    ``shared_prefix``: local scoring runs the prompts' common prefix (the chat template's opening)
+    once per batch and shares its KV cache (``shared_prefix`` module; verified on the first batch,
+    full sequences otherwise).
     ``hook_points``: where a candidate's removal is applied while scoring its bypass and KL.
     "full": every method at the block input and the write points (attention and MLP outputs)
     of the layers it is applied at, as in the evaluated interventions. "reference": as the
@@ -66,6 +71,7 @@ class SelectionSettings:
     batch_size: int = 32
     inlp_k: dict | None = None  # (pos index, layer) -> k, from the INLP k-policy
     hook_points: HookPointMode = "full"
+    shared_prefix: bool = False  # local scoring computes the prompts' common prefix once per batch
 
     def hooks_writes(self, method: str) -> bool:
         """Whether ``method``'s removal also edits the write points while scoring."""
@@ -98,16 +104,32 @@ class Candidate:
 
 # ---------------------------------------------------------------------- forward helpers
 @dataclass
+class _PrefixStates:
+    """The shared prompt prefix of a batch (``shared_prefix``): its inputs and kwargs of every layer
+    (batch 1) and the KV-cache object the recorded kwargs of prefix and suffixes refer to."""
+
+    layer_inputs: list[Tensor]
+    layer_kwargs: list[dict]
+    recorded_cache: object
+    batch_size: int
+
+
+@dataclass
 class _BatchCache:
-    """The baseline computation of one prompt batch: inputs and kwargs of every layer."""
+    """The baseline computation of one prompt batch: inputs and kwargs of every layer.
+
+    With a shared prefix (``prefix`` set) the inputs are the suffixes' [B, S, d] and their kwargs
+    attend to the prefix through the recorded KV cache, which each candidate replaces by its own.
+    """
 
     layer_inputs: list[Tensor]
     layer_kwargs: list[dict]
     last_logits: Tensor  # [B, V] float32
+    prefix: _PrefixStates | None = None
 
 
-@torch.inference_mode()
-def _baseline_pass(adapter: ModelAdapter, enc: dict[str, Tensor]) -> _BatchCache:
+def _recorded_layers(adapter: ModelAdapter, forward: Callable[[], Tensor]) -> tuple[list[Tensor], list[dict], Tensor]:
+    """Run ``forward()`` recording the input and keyword arguments of every decoder layer."""
     inputs: list[Tensor | None] = [None] * adapter.n_layers
     kwargs: list[dict | None] = [None] * adapter.n_layers
     handles = []
@@ -122,26 +144,106 @@ def _baseline_pass(adapter: ModelAdapter, enc: dict[str, Tensor]) -> _BatchCache
     try:
         for i, layer in enumerate(adapter.layers):
             handles.append(layer.register_forward_pre_hook(recorder(i), with_kwargs=True))
-        logits = adapter.model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1].float()
+        result = forward()
     finally:
         for h in handles:
             h.remove()
-    return _BatchCache(inputs, kwargs, logits)  # type: ignore[arg-type]
+    return inputs, kwargs, result  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def _baseline_pass(adapter: ModelAdapter, enc: dict[str, Tensor]) -> _BatchCache:
+    inputs, kwargs, logits = _recorded_layers(
+        adapter, lambda: adapter.model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1].float())
+    return _BatchCache(inputs, kwargs, logits)
+
+
+@torch.inference_mode()
+def _split_baseline_pass(adapter: ModelAdapter, split: SplitBatch) -> _BatchCache:
+    """The baseline pass of a batch whose prompts share a prefix: the prefix once, then the suffixes."""
+    model, keyword = adapter.model, cache_keyword(adapter.model)
+    cache = new_cache(model)
+    p_inputs, p_kwargs, _ = _recorded_layers(
+        adapter, lambda: model(input_ids=split.prefix, use_cache=True, logits_to_keep=1, **{keyword: cache}).logits)
+    cache.batch_repeat_interleave(split.batch_size)
+    s_inputs, s_kwargs, logits = _recorded_layers(
+        adapter, lambda: model(**split.suffix_inputs(), use_cache=True, logits_to_keep=1,
+                               **{keyword: cache}).logits[:, -1].float())
+    return _BatchCache(s_inputs, s_kwargs, logits, _PrefixStates(p_inputs, p_kwargs, cache, split.batch_size))
+
+
+def _run_layers(adapter: ModelAdapter, hidden: Tensor, kwargs: list[dict], first: int) -> Tensor:
+    """Layers ``first``..L-1 on ``hidden`` with their recorded kwargs (hooks installed by the caller fire)."""
+    for j in range(first, adapter.n_layers):
+        out = adapter.layers[j](hidden, **kwargs[j])
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
 
 
 @torch.inference_mode()
 def _logits_from_layer(adapter: ModelAdapter, cache: _BatchCache, layer: int) -> Tensor:
-    """Run layers ``layer``..L-1 from the cached input (hooks installed by the caller fire)."""
-    hidden = cache.layer_inputs[layer]
-    for j in range(layer, adapter.n_layers):
-        out = adapter.layers[j](hidden, **cache.layer_kwargs[j])
-        hidden = out[0] if isinstance(out, tuple) else out
+    """Last-position logits [B, V] after running layers ``layer``..L-1 from the cached input.
+
+    With a shared prefix, the prefix runs first (batch 1) into a fresh KV cache, so that the
+    active hooks act on its positions too; the suffixes then attend to it.
+    """
+    kwargs = cache.layer_kwargs
+    prefix = cache.prefix
+    if prefix is not None:
+        fresh = new_cache(adapter.model)
+
+        def swap(kw: dict) -> dict:
+            return {k: (fresh if v is prefix.recorded_cache else v) for k, v in kw.items()}
+
+        _run_layers(adapter, prefix.layer_inputs[layer], [swap(kw) if kw else kw for kw in prefix.layer_kwargs], layer)
+        fresh.batch_repeat_interleave(prefix.batch_size)
+        kwargs = [swap(kw) if kw else kw for kw in kwargs]
+    hidden = _run_layers(adapter, cache.layer_inputs[layer], kwargs, layer)
     return adapter.logits_from_hidden(hidden[:, -1]).float()
 
 
 @torch.inference_mode()
 def _full_logits(adapter: ModelAdapter, enc: dict[str, Tensor]) -> Tensor:
     return adapter.model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1].float()
+
+
+class _PrefixSharing:
+    """Whether local scoring uses the shared prompt prefix; checked against full sequences on the first batch.
+
+    The check compares the baseline's last-position log-probabilities and those of a run from the
+    middle layer with the full-sequence forward (``shared_prefix.check_close``); any difference or
+    error turns sharing off for the rest of the call, with a warning.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.verified = False
+
+    def baseline(self, adapter: ModelAdapter, prompts: Sequence[str], enc: dict[str, Tensor]) -> _BatchCache:
+        """The baseline pass of ``prompts`` (encoded as ``enc``), with the prefix shared when possible."""
+        if not self.enabled:
+            return _baseline_pass(adapter, enc)
+        sequences = [adapter.tokenizer(p, add_special_tokens=False)["input_ids"] for p in adapter.format_prompts(prompts)]
+        n = common_prefix_length(sequences)
+        if n < MIN_PREFIX_TOKENS or not windows_allow(adapter.model, max(len(s) for s in sequences)):
+            return _baseline_pass(adapter, enc)
+        pad = adapter.tokenizer.pad_token_id if adapter.tokenizer.pad_token_id is not None else 0
+        split = split_batch(sequences, n, pad, adapter.input_device)
+        if self.verified:
+            return _split_baseline_pass(adapter, split)
+        full = _baseline_pass(adapter, enc)
+        try:
+            shared = _split_baseline_pass(adapter, split)
+            check_close(shared.last_logits, full.last_logits, adapter.dtype, "baseline")
+            middle = adapter.n_layers // 2
+            check_close(_logits_from_layer(adapter, shared, middle), full.last_logits, adapter.dtype, f"layers {middle}..")
+        except (SharedPrefixError, RuntimeError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            log.warning("Shared prompt prefix not used in selection (%s: %s); scoring full sequences.",
+                        type(exc).__name__, exc)
+            self.enabled = False
+            return full
+        self.verified = True
+        return shared
 
 
 def kl_divergence(base_logits: Tensor, new_logits: Tensor) -> Tensor:
@@ -211,13 +313,14 @@ def score_candidates(
         sums[key][metric] = sums[key].get(metric, 0.0) + float(value.double().sum())
 
     local = settings.scoring == "local"
+    sharing = _PrefixSharing(settings.shared_prefix)
     total = len(cands) * (len(harmful_val) + len(harmless_val))
     with tqdm(total=total, desc=f"select {directions.method}", unit="cand·prompt", leave=False) as bar:
         for harmful, prompts in ((True, harmful_val), (False, harmless_val)):
             for start in range(0, len(prompts), settings.batch_size):
                 batch = prompts[start : start + settings.batch_size]
                 enc = adapter.encode_instructions(batch)
-                cache = _baseline_pass(adapter, enc)
+                cache = sharing.baseline(adapter, batch, enc) if local else _baseline_pass(adapter, enc)
                 for (p, l), cand in cands.items():
                     removal = removal_for(directions, p, l, [l] if local else range(L), cand.rank, writes=writes)
                     with intervene(adapter, removal):

@@ -66,7 +66,13 @@ def selection_settings(run: Run) -> SelectionSettings:
         actadd_multipliers=config.actadd_multipliers, scoring=config.scoring,
         compare_rankings=config.compare_rankings, batch_size=run.batch_size,
         hook_points=config.selection_hook_points,  # type: ignore[arg-type]
+        shared_prefix=use_shared_prefix(run),
     )
+
+
+def use_shared_prefix(run: Run) -> bool:
+    """Whether ``--shared-prefix auto`` shares the prompts' common prefix: on CPU, where FLOPs are the cost."""
+    return run.config.shared_prefix == "auto" and run.adapter.input_device.type == "cpu"
 
 
 def _save_selection(run: Run, method: str, key: str, val: tuple[list[str], list[str]], result: MethodSelection) -> None:
