@@ -91,3 +91,22 @@ def test_a_failed_check_falls_back_to_full_sequences(monkeypatch, caplog):
     shared = score_candidates(adapter, dim, HARMFUL, HARMLESS, SelectionSettings(batch_size=8, shared_prefix=True), norm)
     assert "Shared prompt prefix not used" in caplog.text
     assert [c.kl for c in shared] == [c.kl for c in full]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma2"])
+def test_generation_with_a_shared_prefix_equals_full_prompts_under_an_intervention(arch, monkeypatch):
+    from refusal_directions import shared_prefix as sp
+    from refusal_directions.generation import generate_tokens
+    from refusal_directions.interventions import ActAdd, intervene
+
+    adapter = _adapter(arch)
+    steer = ActAdd(3.0 * torch.randn(adapter.d_model), 1)
+    with intervene(adapter, steer):
+        full = generate_tokens(adapter, HARMLESS, 10, batch_size=3)
+        prefilled = []
+        real = sp.prefix_cache
+        monkeypatch.setattr(sp, "prefix_cache", lambda *a: prefilled.append(1) or real(*a))
+        shared = generate_tokens(adapter, HARMLESS, 10, batch_size=3, shared_prefix=True)
+    assert shared == full
+    # one check plus one prefill per batch; Gemma's 8-token windows keep the full prompts
+    assert len(prefilled) == (0 if arch in SLIDING else 3)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from . import shared_prefix as sp
 from .models import ModelAdapter
 
 if TYPE_CHECKING:
@@ -217,9 +218,10 @@ def generate(
     batch_size: int = 32,
     desc: str = "generate",
     cache_implementation: str | None = None,
+    shared_prefix: bool = False,
 ) -> list[str]:
     """Greedy completions (decoded, stripped) of chat-formatted ``instructions``, in input order."""
-    ids = generate_tokens(adapter, instructions, max_new_tokens, batch_size, desc, cache_implementation)
+    ids = generate_tokens(adapter, instructions, max_new_tokens, batch_size, desc, cache_implementation, shared_prefix)
     return [adapter.tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
 
 
@@ -231,12 +233,16 @@ def generate_tokens(
     batch_size: int = 32,
     desc: str = "generate",
     cache_implementation: str | None = None,
+    shared_prefix: bool = False,
 ) -> list[list[int]]:
     """Greedy new-token ids of chat-formatted ``instructions``, in input order, cut after the stop token.
 
     Prompts are sorted by length so each batch has little padding. On out-of-memory the batch
     size is halved (with a warning) and the batch retried. ``cache_implementation="static"``
     preallocates the KV cache, which lets transformers compile the decoding step on GPU.
+    ``shared_prefix`` (dynamic cache only): each batch's common prompt prefix is prefilled once
+    (batch 1) under the active hooks or weights and shared (``shared_prefix`` module; checked
+    once per model against the full prompts).
     """
     if cache_implementation == "static":
         from torch import _dynamo
@@ -256,6 +262,8 @@ def generate_tokens(
         while start < len(order):
             idx = order[start : start + batch_size]
             enc = adapter.encode([prompts[i] for i in idx])
+            if shared_prefix and cache_implementation != "static":
+                enc = _with_shared_prefix(adapter, [prompts[i] for i in idx], enc)
             try:
                 out = greedy_generate(adapter.model, enc, config)
             except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
@@ -272,3 +280,41 @@ def generate_tokens(
             start += len(idx)
             bar.update(len(idx))
     return responses
+
+
+_PREFIX_CHECKED = "_refusal_directions_shared_prefix_ok"  # model attribute: the one-time check's outcome
+
+
+def _with_shared_prefix(adapter: ModelAdapter, prompts: Sequence[str], enc: dict) -> dict:
+    """``enc`` rewritten as prefix + left-padded suffixes with the prefix's KV cache, or ``enc`` unchanged
+    (prefix too short, sliding windows shorter than the prompts, or the one-time check failed)."""
+    sequences = [adapter.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    n = sp.common_prefix_length(sequences)
+    model = adapter.model
+    if n < sp.MIN_PREFIX_TOKENS or not sp.windows_allow(model, max(map(len, sequences)) + 1) \
+            or not getattr(model, _PREFIX_CHECKED, True):
+        return enc
+    pad = adapter.tokenizer.pad_token_id if adapter.tokenizer.pad_token_id is not None else 0
+    split = sp.split_batch(sequences, n, pad, adapter.input_device)
+    if not hasattr(model, _PREFIX_CHECKED):
+        setattr(model, _PREFIX_CHECKED, _prefix_check(adapter, split, enc))
+        if not getattr(model, _PREFIX_CHECKED):
+            return enc
+    cache = sp.prefix_cache(model, split.prefix, split.batch_size)
+    ids = torch.cat([split.prefix.expand(split.batch_size, -1), split.input_ids], dim=1)
+    return {"input_ids": ids, "attention_mask": split.attention_mask, sp.cache_keyword(model): cache}
+
+
+@torch.inference_mode()
+def _prefix_check(adapter: ModelAdapter, split: "sp.SplitBatch", enc: dict) -> bool:
+    """Whether the first generated token's distribution with the shared prefix equals the full prompts'."""
+    model = adapter.model
+    try:
+        cache = sp.prefix_cache(model, split.prefix, split.batch_size)
+        shared = model(**split.suffix_inputs(), use_cache=True, logits_to_keep=1, **{sp.cache_keyword(model): cache})
+        full = model(**enc, use_cache=False, logits_to_keep=1)
+        sp.check_close(shared.logits[:, -1], full.logits[:, -1], adapter.dtype, "generation prefill")
+    except (sp.SharedPrefixError, RuntimeError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        log.warning("Shared prompt prefix not used in generation (%s: %s); prefilling full prompts.", type(exc).__name__, exc)
+        return False
+    return True

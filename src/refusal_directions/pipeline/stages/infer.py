@@ -29,7 +29,7 @@ from ...selection import MethodSelection
 from ..plan import build_for_capability, generation_groups, plan_interventions
 from ..store import Run, RunError, timed, valid_json, valid_jsonl
 from .extract import load_extraction
-from .select import load_selection
+from .select import load_selection, use_shared_prefix
 
 # apply(spec, sign) -> a context manager applying ``spec`` with ActAdd sign ``sign``; yields how ("baked", "hooks", "slots", "none")
 ApplySpec = Callable[[InterventionSpec, float | None], ContextManager[str]]
@@ -73,7 +73,7 @@ def _generate_group(run: Run, spec: InterventionSpec, sign: float | None, datase
     with apply_spec(spec, sign) as how:
         responses = generate(run.adapter, instructions(records), run.config.max_new_tokens,
                              generation_batch_size(run, len(records)), desc=f"{spec.name} ({', '.join(datasets)})",
-                             cache_implementation="static" if static else None)
+                             cache_implementation="static" if static else None, shared_prefix=use_shared_prefix(run))
     start = 0
     for d in datasets:
         rows = prompt_sets[d]
