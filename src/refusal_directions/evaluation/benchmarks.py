@@ -11,7 +11,7 @@ spaces), the first ``n_shots`` dev questions of the same subject, each
 question ending with ``"Answer:"`` (questions are ``.strip()``-ed as lm-eval does). The
 prediction is the letter whose token (``" A"`` .. ``" D"``) has the highest log-probability at
 the last position: one logit row per question. Questions of one subject share the few-shot
-prefix, which is computed once (see ``loss.iter_final_hidden``).
+prefix, which is computed once (see ``prefix_scorer.iter_final_hidden``).
 
 ARC-Challenge (``allenai/ai2_arc``): ``"Question: {question}\\nAnswer:"`` with shots
 ``"Question: {q}\\nAnswer: {correct choice}"`` joined by ``"\\n\\n"``; each choice is the
@@ -36,7 +36,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..models import ModelAdapter
-from .loss import next_token_logprobs, sequence_logprobs
+from .prefix_scorer import next_token_logprobs, sequence_logprobs
 from .stats import bootstrap_ci
 
 MMLU_LETTERS = ("A", "B", "C", "D")
