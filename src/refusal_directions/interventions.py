@@ -30,7 +30,7 @@ from typing import Iterator, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from .directions.base import DirectionSet, Eraser
+from .directions.base import DirectionSet, Eraser, erase
 from .hooks import Hook, HookFn, apply_hooks
 from .models import ModelAdapter
 
@@ -49,9 +49,7 @@ def _edit_fn(eraser: Eraser, alpha: float, affine: bool) -> HookFn:
     def edit(x: Tensor) -> Tensor:
         # Block inputs may still sit on the previous layer's device when a model is sharded
         # (accelerate moves them inside forward, after pre-hooks run): compute on this layer's.
-        y = x.to(left.device, torch.float32)
-        delta = y if bias is None else y - bias
-        return (y - alpha * (delta @ right) @ left.T).to(x.dtype)
+        return erase(x.to(left.device, torch.float32), left, right, bias, alpha).to(x.dtype)
 
     return edit
 
@@ -174,12 +172,13 @@ class _LayerSlot(nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=torch.float32, device=device), persistent=False)
 
     def input_fn(self, x: Tensor) -> Tensor:
+        """Block input [..., D]: the affine edit around ``bias`` scaled by ``alpha_input``, plus ``add``."""
         y = x.to(self.left.device, torch.float32)
-        return (y - self.alpha_input * ((y - self.bias) @ self.right) @ self.left.T + self.add).to(x.dtype)
+        return (erase(y, self.left, self.right, self.bias, self.alpha_input) + self.add).to(x.dtype)
 
     def write_fn(self, x: Tensor) -> Tensor:
-        y = x.float()
-        return (y - self.alpha_writes * (y @ self.right) @ self.left.T).to(x.dtype)
+        """A write [..., D]: the linear edit scaled by ``alpha_writes``."""
+        return erase(x.float(), self.left, self.right, None, self.alpha_writes).to(x.dtype)
 
 
 class InterventionSlots:

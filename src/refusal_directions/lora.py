@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor, nn
 
+from .directions.base import erase
 from .interventions import BakingError, Removal, _write_projections, check_bakeable
 from .models import ModelAdapter
 
@@ -170,7 +171,7 @@ def lora_edits(adapter: ModelAdapter, removal: Removal) -> list[WeightEdit]:
                     continue
                 b = bias.float()
                 if bias.dim() == 1:
-                    edits.append(_edit_of(model, names, bias, None, None, value=b - alpha * (b @ W) @ U.T))
+                    edits.append(_edit_of(model, names, bias, None, None, value=erase(b, U, W, None, alpha)))
                 else:  # [E, D]: a rank-k update of a 2-D parameter
                     edits.append(_edit_of(model, names, bias, -alpha * (b @ W), U.T.contiguous()))
     return edits

@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -496,6 +496,16 @@ class ModelAdapter:
     @property
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
+
+    @torch.inference_mode()
+    def last_logits(self, enc: Mapping[str, Tensor]) -> Tensor:
+        """Float32 next-token logits ``[B, vocab]`` at the last position of each row of a batch.
+
+        ``enc``: the tokenizer's batch (``input_ids`` and ``attention_mask`` [B, T], left-padded as
+        ``encode`` makes them, so the last position is every row's last prompt token). One forward
+        of the whole model, with its hooks, computing the LM head at that position only.
+        """
+        return self.model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1].float()
 
     def logits_from_hidden(self, hidden: Tensor) -> Tensor:
         """Float32 logits from the last decoder layer's output ``[..., d_model]`` (before the final norm)."""

@@ -139,11 +139,6 @@ def _logits_from_layer(adapter: ModelAdapter, cache: _BatchCache, layer: int) ->
     return adapter.logits_from_hidden(hidden[:, -1]).float()
 
 
-@torch.inference_mode()
-def _full_logits(adapter: ModelAdapter, enc: dict[str, Tensor]) -> Tensor:
-    return adapter.model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1].float()
-
-
 def kl_divergence(base_logits: Tensor, new_logits: Tensor) -> Tensor:
     """KL(base || new) per row of [B, V] logits, in float32."""
     base = torch.log_softmax(base_logits.float(), -1)
@@ -159,7 +154,7 @@ def refusal_scores(adapter: ModelAdapter, instructions: Sequence[str], batch_siz
     with intervene(adapter, intervention):
         for start in range(0, len(instructions), batch_size):
             enc = adapter.encode_instructions(instructions[start : start + batch_size])
-            out.append(refusal_score(_full_logits(adapter, enc), adapter.refusal_token_ids).cpu())
+            out.append(refusal_score(adapter.last_logits(enc), adapter.refusal_token_ids).cpu())
     return torch.cat(out)
 
 
@@ -221,7 +216,7 @@ def score_candidates(
                 for (p, l), cand in cands.items():
                     removal = removal_for(directions, p, l, [l] if local else range(L), cand.rank, writes=writes)
                     with intervene(adapter, removal):
-                        logits = _logits_from_layer(adapter, cache, l) if local else _full_logits(adapter, enc)
+                        logits = _logits_from_layer(adapter, cache, l) if local else adapter.last_logits(enc)
                     if harmful:
                         add((p, l), "bypass", refusal_score(logits, adapter.refusal_token_ids))
                     else:

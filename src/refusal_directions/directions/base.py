@@ -3,7 +3,8 @@
 Each method produces, for every (position, layer) candidate component, the same things:
 
 * a unit *steering direction* (harmful side positive), used by ActAdd;
-* a low-rank affine *eraser* ``x -> x - U Wᵀ (x - b)`` used by the removal interventions:
+* a low-rank affine *eraser* ``x -> x - U Wᵀ (x - b)`` used by the removal interventions
+  (``erase`` is its arithmetic, shared by hooks, persistent slots, baking and LoRA export):
   - diff-in-means ablation: U = W = r̂ (rank 1), no bias;
   - INLP nullspace projection P = I - V Vᵀ: U = W = V (orthonormal, rank k), no bias;
   - LEACE: U = proj_left, W = proj_rightᵀ, b = the mean (affine variant).
@@ -23,6 +24,17 @@ from torch import Tensor
 METHODS = ("diff_in_means", "inlp", "leace")
 
 
+def erase(x: Tensor, left: Tensor, right: Tensor, bias: Tensor | None = None, alpha: float | Tensor = 1.0) -> Tensor:
+    """The eraser arithmetic, the one implementation every hook, slot, bake and LoRA edit uses.
+
+    ``x - alpha * ((x - bias) @ right) @ left.T`` for ``x`` [..., D], ``left`` / ``right`` [D, K],
+    ``bias`` [D] or None (linear), ``alpha`` a float or a 0-d tensor (the persistent slots'). Runs
+    in the dtype of its inputs (callers pass float32) and returns the same shape as ``x``.
+    """
+    delta = x if bias is None else x - bias
+    return x - alpha * (delta @ right) @ left.T
+
+
 @dataclass
 class Eraser:
     """``x -> x - alpha * U Wᵀ (x - b)`` for one component; ``U``, ``W``: [D, K], ``b``: [D] or None.
@@ -40,20 +52,9 @@ class Eraser:
     def rank(self) -> int:
         return self.left.shape[1]
 
-    def __call__(self, x: Tensor, alpha: float = 1.0, affine: bool = True) -> Tensor:
-        """Apply in float32 to ``x`` of shape [..., D]; returns float32."""
-        x = x.float()
-        delta = x - self.bias if (affine and self.bias is not None) else x
-        return x - alpha * (delta @ self.right) @ self.left.T
-
     def to(self, device: torch.device | str) -> "Eraser":
         bias = None if self.bias is None else self.bias.to(device)
         return Eraser(self.left.to(device), self.right.to(device), bias)
-
-    def linear_matrix(self, alpha: float = 1.0) -> Tensor:
-        """The dense [D, D] matrix I - alpha U Wᵀ (for weight baking; never used in hooks)."""
-        eye = torch.eye(self.left.shape[0], dtype=self.left.dtype, device=self.left.device)
-        return eye - alpha * self.left @ self.right.T
 
 
 @dataclass
