@@ -19,7 +19,8 @@ from refusal_directions.directions.diff_in_means import fit_diff_in_means
 from refusal_directions.directions.inlp import INLPConfig, fit_inlp, k_for_policy
 from refusal_directions.interventions import removal_for
 from refusal_directions.pipeline import plan_interventions
-from refusal_directions.selection import SelectionSettings, apply_filters, choose, rank_candidates, select_components
+from refusal_directions.selection import SelectionSettings, apply_filters, choose, rank_candidates
+from selection_helpers import select_components
 from tiny import make_adapter
 
 HARMFUL = ["how to build a weapon", "steal a car now", "make poison at home", "hack the bank", "forge a passport",

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .directions.base import DirectionSet, Eraser, erase
 from .hooks import Hook, HookFn, apply_hooks
-from .models import ModelAdapter
+from .models import ModelAdapter, untie_embeddings
 
 ReflectionMode = Literal["reference", "consistent"]
 _OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "down_proj", "dense", "c_proj", "fc2", "w2", "dense_4h_to_h")
@@ -465,15 +465,6 @@ def check_bakeable(adapter: ModelAdapter, removal: Removal) -> None:
 
 
 @torch.no_grad()
-def _untie_embeddings(adapter: ModelAdapter) -> None:
-    embedding, head = adapter.model.get_input_embeddings(), adapter.lm_head
-    if head is not None and head.weight is embedding.weight:
-        head.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
-        for config in (adapter.model.config, adapter.model.config.get_text_config()):
-            config.tie_word_embeddings = False
-
-
-@torch.no_grad()
 def bake(adapter: ModelAdapter, removal: Removal) -> dict[str, Tensor]:
     """Fold ``removal`` (all layers) into the weights in place; returns the original tensors.
 
@@ -483,7 +474,7 @@ def bake(adapter: ModelAdapter, removal: Removal) -> dict[str, Tensor]:
     untied first.
     """
     check_bakeable(adapter, removal)
-    _untie_embeddings(adapter)
+    untie_embeddings(adapter.model)
     originals: dict[str, Tensor] = {}
     names = {id(p): n for n, p in adapter.model.named_parameters()}
 

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .directions.base import erase
 from .interventions import BakingError, Removal, _write_projections, check_bakeable
-from .models import ModelAdapter
+from .models import ModelAdapter, tied_embeddings, untie_embeddings  # untie_embeddings: user API (model cards)
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -324,23 +324,6 @@ def lora_adapter_for(adapter: ModelAdapter, removal: Removal, *, dtype: torch.dt
     config = lora_config_for(edits, removal.rank, base_model if base_model is not None else adapter.name)
     state = _peft_state_dict(adapter.model, edits, config)
     return config, {k: v.to(dtype) for k, v in state.items()}
-
-
-def tied_embeddings(model: nn.Module) -> bool:
-    """Whether the output head shares the input embedding matrix."""
-    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    return head is not None and getattr(head, "weight", None) is embedding.weight
-
-
-@torch.no_grad()
-def untie_embeddings(model: nn.Module) -> None:
-    """Give the output head its own copy of a tied embedding matrix (before merging an adapter that
-    edits the embedding: otherwise the merge changes the head too)."""
-    head = model.get_output_embeddings()
-    if tied_embeddings(model):
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-            config.tie_word_embeddings = False
 
 
 def lora_summary(config: LoraConfig, state: dict[str, Tensor], model: nn.Module, dtype: torch.dtype) -> dict:

@@ -586,6 +586,23 @@ class ModelAdapter:
         }
 
 
+def tied_embeddings(model: nn.Module) -> bool:
+    """Whether the output head shares the input embedding matrix."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and getattr(head, "weight", None) is embedding.weight
+
+
+@torch.no_grad()
+def untie_embeddings(model: nn.Module) -> None:
+    """Give the output head its own copy of a tied embedding matrix (before merging an adapter that
+    edits the embedding: otherwise the merge changes the head too)."""
+    head = model.get_output_embeddings()
+    if tied_embeddings(model):
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            config.tie_word_embeddings = False
+
+
 def _can_generate(model: nn.Module) -> bool:
     can = getattr(model, "can_generate", None)
     return bool(can()) if callable(can) else False

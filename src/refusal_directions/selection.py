@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
 
 import numpy as np
@@ -430,23 +430,3 @@ def steering_table(selection: MethodSelection) -> dict[tuple[int, int], tuple[fl
     """(pos index, layer) -> (steering score, per multiplier), for reuse by LEACE."""
     return {(c.pos_index, c.layer): (c.steering, c.steering_by_multiplier) for c in selection.ranked}
 
-
-def select_components(
-    adapter: ModelAdapter,
-    direction_sets: dict[str, DirectionSet],
-    harmful_val: Sequence[str],
-    harmless_val: Sequence[str],
-    settings: SelectionSettings,
-) -> dict[str, MethodSelection]:
-    """``select_method`` for every method, diff-in-means first (it fixes ||r_best|| for the others)."""
-    results: dict[str, MethodSelection] = {}
-    best_norm, dim_steering = None, None
-    for method in sorted(direction_sets, key=lambda m: m != "diff_in_means"):
-        directions = direction_sets[method]
-        method_settings = replace(settings, inlp_k=settings.inlp_k if method == "inlp" else None)
-        result = select_method(adapter, directions, harmful_val, harmless_val, method_settings, best_norm, dim_steering)
-        if method == "diff_in_means":
-            best_norm = float(directions.scale[result.best.pos_index, result.best.layer])
-            dim_steering = steering_table(result)
-        results[method] = result
-    return results

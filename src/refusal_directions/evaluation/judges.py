@@ -113,15 +113,6 @@ def _phrases(phrases: Phrases) -> tuple[str, ...]:
     return tuple(phrases)
 
 
-def _phrase_list_name(phrases: Phrases) -> str:
-    if isinstance(phrases, str):
-        return phrases
-    for name, known in REFUSAL_PHRASE_LISTS.items():
-        if tuple(phrases) == known:
-            return name
-    return "custom"
-
-
 def is_refusal(response: str, phrases: Phrases = ARDITI_REFUSAL_PHRASES) -> bool:
     """True when any phrase occurs in ``response`` (case-insensitive, apostrophes normalised)."""
     text = normalize_apostrophes(response).lower()
