@@ -140,7 +140,7 @@ def test_own_directions_option_uses_each_components_eraser(fitted, selected):
     plan = _plan(selected, {"diff_in_means": dim, "inlp": inlp}, scopes=["top:0.5"], scope_directions="own")
     spec = plan["inlp.projection@top0.5"]
     n = reference_target_count(min(len(s.ranked) for s in selected.values()), 50.0)
-    assert spec.components == tuple((c.pos_index, c.layer, c.rank) for c in selected["inlp"].ranked[:n])
+    assert spec.components == tuple((c.pos_index, c.layer, c.k) for c in selected["inlp"].ranked[:n])
     built = spec.build({"diff_in_means": dim, "inlp": inlp})
     for part, (p, l, k) in zip(built.parts, spec.components):
         expected = inlp.eraser(p, l, k)
@@ -167,7 +167,7 @@ def test_k_policy_skips_components_with_k_zero_and_shrinks_the_pool(fitted, poli
     k = k_for_policy(planted, policy)
     for p in range(k.shape[0]):
         for l in range(k.shape[1]):
-            expected = min(reference_k(acc[p, l].tolist(), threshold), int(planted.rank[p, l]))
+            expected = min(reference_k(acc[p, l].tolist(), threshold), int(planted.k[p, l]))
             assert int(k[p, l]) == expected
     table = {(p, l): int(k[p, l]) for p in range(k.shape[0]) for l in range(k.shape[1])}
     sel = _select(adapter, {"diff_in_means": dim, "inlp": planted}, inlp_k=table)

@@ -83,8 +83,9 @@ class Removal:
     writes: bool = True
 
     @property
-    def rank(self) -> int:
-        return self.eraser.rank
+    def k(self) -> int:
+        """The number of directions removed (the eraser's columns)."""
+        return self.eraser.k
 
     def centre(self, layer: int) -> Tensor | None:
         """The affine centre of ``layer``'s block input (None: linear)."""
@@ -127,7 +128,7 @@ class ActAdd:
     vector: Tensor
     layer: int
     name: str = "actadd"
-    rank = 0
+    k = 0  # removes nothing
 
     def hooks(self, adapter: ModelAdapter) -> list[Hook]:
         vector = self.vector.float().to(adapter.layer_device(self.layer))
@@ -143,8 +144,9 @@ class Composite:
     name: str = "composite"
 
     @property
-    def rank(self) -> int:
-        return max(p.rank for p in self.parts)
+    def k(self) -> int:
+        """The most directions any part removes (what the persistent slots must hold)."""
+        return max(p.k for p in self.parts)
 
     def hooks(self, adapter: ModelAdapter) -> list[Hook]:
         return [h for part in self.parts for h in part.hooks(adapter)]
@@ -165,9 +167,9 @@ def intervene(adapter: ModelAdapter, *interventions: Intervention | None) -> Ite
 class _LayerSlot(nn.Module):
     """The tensors one layer's persistent hooks read (float32, on the layer's device)."""
 
-    def __init__(self, d_model: int, max_rank: int, device: torch.device):
+    def __init__(self, d_model: int, max_k: int, device: torch.device):
         super().__init__()
-        for name, shape in (("left", (d_model, max_rank)), ("right", (d_model, max_rank)), ("bias", (d_model,)),
+        for name, shape in (("left", (d_model, max_k)), ("right", (d_model, max_k)), ("bias", (d_model,)),
                             ("add", (d_model,)), ("alpha_input", ()), ("alpha_writes", ())):
             self.register_buffer(name, torch.zeros(shape, dtype=torch.float32, device=device), persistent=False)
 
@@ -191,10 +193,10 @@ class InterventionSlots:
     block input ``x - a_in[l] ((x - b) W) Uᵀ + v[l]``; writes ``w - a_w[l] (w W) Uᵀ``.
     """
 
-    def __init__(self, adapter: ModelAdapter, max_rank: int = 1):
+    def __init__(self, adapter: ModelAdapter, max_k: int = 1):
         self.adapter = adapter
-        self.max_rank = max_rank
-        self.slots = [_LayerSlot(adapter.d_model, max_rank, adapter.layer_device(l)) for l in range(adapter.n_layers)]
+        self.max_k = max_k
+        self.slots = [_LayerSlot(adapter.d_model, max_k, adapter.layer_device(l)) for l in range(adapter.n_layers)]
 
     def hooks(self) -> list[Hook]:
         out = []
@@ -220,14 +222,14 @@ class InterventionSlots:
                 self._load_removal(part)
 
     def _load_removal(self, removal: Removal) -> None:
-        eraser, rank = removal.eraser, removal.rank
-        if rank > self.max_rank:
-            raise ValueError(f"Intervention rank {rank} exceeds the slots' max_rank {self.max_rank}.")
+        eraser, k = removal.eraser, removal.k
+        if k > self.max_k:
+            raise ValueError(f"The intervention removes {k} directions; the slots hold at most max_k = {self.max_k}.")
         block_inputs = set(removal.block_input_layers())
         for layer in sorted(set(removal.layers)):
             slot = self.slots[layer]
-            slot.left[:, :rank] = eraser.left
-            slot.right[:, :rank] = eraser.right
+            slot.left[:, :k] = eraser.left
+            slot.right[:, :k] = eraser.right
             if (centre := removal.centre(layer)) is not None:
                 slot.bias.copy_(centre)
             if removal.writes:

@@ -803,7 +803,7 @@ def _selection_section(doc: _Doc, art: RunArtifacts) -> None:
         rows.append((METHOD_LABELS.get(method, method), str(best.position), str(best.layer), fmt_num(best.bypass),
                      fmt_num(best.steering), fmt_num(best.kl, 4),
                      fmt_num(best.accuracy) if best.accuracy is not None else "—",
-                     str(best.rank) if method == "inlp" else "—", _scope_layers_text(art, method),
+                     str(best.k) if method == "inlp" else "—", _scope_layers_text(art, method),
                      ", ".join(best.filtered_out) or "passed", str(len(sel.skipped)),
                      f"{n_val.get('harmful', '?')}/{n_val.get('harmless', '?')}" if n_val else "n/a",
                      fmt_num(sel.spearman) if sel.spearman is not None else "—"))
@@ -847,12 +847,12 @@ def _inlp_section(doc: _Doc, art: RunArtifacts) -> None:
                                    threshold if is_number(threshold) else None)
         doc.image("inlp_accuracy_curves", fig, "INLP dev accuracy vs classifier index (selected component and the next-ranked ones)")
     if "inlp_rank" in geo:
-        rank = np.asarray(geo["inlp_rank"], dtype=float)
+        k = np.asarray(geo["inlp_rank"], dtype=float)  # the geometry artifact calls INLP's k "inlp_rank"
         sel = art.selections.get("inlp")
-        fig = heatmap_figure(rank, positions or list(range(rank.shape[0])), "INLP rank (classifiers in P) per (position, layer)",
-                             "rank", cmap="Blues", vmin=0, best=(sel.best.pos_index, sel.best.layer) if sel else None,
+        fig = heatmap_figure(k, positions or list(range(k.shape[0])), "INLP k (classifiers in P) per (position, layer)",
+                             "k", cmap="Blues", vmin=0, best=(sel.best.pos_index, sel.best.layer) if sel else None,
                              value_format="{:.0f}")
-        doc.image("inlp_rank", fig, "INLP rank per (position, layer)")
+        doc.image("inlp_rank", fig, "INLP k per (position, layer)")
 
 
 GEOMETRY_PLOTS = (

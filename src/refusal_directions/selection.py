@@ -85,14 +85,21 @@ class Candidate:
     steering_by_multiplier: dict[str, float] = field(default_factory=dict)
     global_bypass: float | None = None
     accuracy: float | None = None  # INLP first-classifier dev accuracy
-    rank: int = 1
+    k: int = 1  # directions the component's eraser removes (INLP's k; 1 for the others)
     filtered_out: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        """The JSON of ``select/<method>.json``; ``k`` is saved as ``"rank"`` (the artifact format)."""
+        out = dict(self.__dict__)
+        out["rank"] = out.pop("k")
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "Candidate":
+        """Reads ``to_dict``'s JSON (``"rank"``) and dicts that say ``"k"``."""
+        d = dict(d)
+        if "rank" in d:
+            d["k"] = d.pop("rank")
         return cls(**d)
 
 
@@ -165,7 +172,7 @@ def candidate_issue(directions: DirectionSet, p: int, l: int, k: int | None) -> 
     non-finite direction or eraser (e.g. layer 0 at a chat-template token, where every prompt has
     the same activation and r = 0) would make its removal the identity or NaN.
     """
-    if k == 0 or int(directions.rank[p, l]) == 0:
+    if k == 0 or int(directions.k[p, l]) == 0:
         return "k=0" if k == 0 else "rank 0 (no classifier kept)"
     direction = directions.direction[p, l]
     if not bool(torch.isfinite(direction).all()) or not bool(torch.isfinite(directions.scale[p, l])):
@@ -214,7 +221,7 @@ def score_candidates(
                 enc = adapter.encode_instructions(batch)
                 cache = _baseline_pass(adapter, enc)
                 for (p, l), cand in cands.items():
-                    removal = removal_for(directions, p, l, [l] if local else range(L), cand.rank, writes=writes)
+                    removal = removal_for(directions, p, l, [l] if local else range(L), cand.k, writes=writes)
                     with intervene(adapter, removal):
                         logits = _logits_from_layer(adapter, cache, l) if local else adapter.last_logits(enc)
                     if harmful:
@@ -249,10 +256,10 @@ def usable_candidates(directions: DirectionSet, k_of: dict[tuple[int, int], int]
     cands = {}
     for p in range(directions.n_positions):
         for l in range(directions.n_layers):
-            k = int(k_of.get((p, l), directions.rank[p, l]))
+            k = int(k_of.get((p, l), directions.k[p, l]))
             issue = candidate_issue(directions, p, l, k)
             if issue is None:
-                cands[(p, l)] = Candidate(p, directions.positions[p], l, rank=k)
+                cands[(p, l)] = Candidate(p, directions.positions[p], l, k=k)
             elif skipped is not None:
                 skipped.append({"pos_index": p, "position": directions.positions[p], "layer": l, "reason": issue})
     if not cands:
@@ -265,7 +272,7 @@ def global_bypass_scores(adapter: ModelAdapter, directions: DirectionSet, candid
                          harmful_val: Sequence[str], batch_size: int, writes: bool = True) -> None:
     """Fill ``global_bypass`` (removal at all layers) for ``--compare-rankings``."""
     for cand in tqdm(candidates, desc=f"global {directions.method}", leave=False):
-        removal = removal_for(directions, cand.pos_index, cand.layer, range(adapter.n_layers), cand.rank, writes=writes)
+        removal = removal_for(directions, cand.pos_index, cand.layer, range(adapter.n_layers), cand.k, writes=writes)
         cand.global_bypass = float(refusal_scores(adapter, harmful_val, batch_size, removal).mean())
 
 

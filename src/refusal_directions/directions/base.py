@@ -49,7 +49,8 @@ class Eraser:
     bias: Tensor | None = None
 
     @property
-    def rank(self) -> int:
+    def k(self) -> int:
+        """The number of directions erased: the columns of ``left`` (0 for an identity eraser)."""
         return self.left.shape[1]
 
     def to(self, device: torch.device | str) -> "Eraser":
@@ -69,10 +70,12 @@ class DirectionSet:
             activations project higher than harmless ones.
         scale: [P, L] float32 norm of the diff-in-means vector at (p, l): ActAdd's natural
             coefficient scale.
-        left: [P, L, D, K] float32 eraser column basis U (columns beyond ``rank`` are zero).
+        left: [P, L, D, K] float32 eraser column basis U (columns beyond ``k`` are zero).
         right: [P, L, D, K] read-out W, or None when W = U (orthogonal projections).
         bias: [P, L, D] affine centre b, or None.
-        rank: [P, L] int64 number of columns of U in use.
+        k: [P, L] int64 number of columns of U in use: the directions each eraser removes (INLP:
+            the classifiers kept; diff-in-means: 1; LEACE: its eraser's). Saved under the tensor
+            name "rank", the artifact format of every recorded run.
         extras: method-specific tensors (e.g. INLP "accuracies" [P, L, max_iter], NaN-padded).
     """
 
@@ -81,7 +84,7 @@ class DirectionSet:
     direction: Tensor
     scale: Tensor
     left: Tensor
-    rank: Tensor
+    k: Tensor
     right: Tensor | None = None
     bias: Tensor | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
@@ -96,7 +99,7 @@ class DirectionSet:
 
     def eraser(self, pos: int, layer: int, k: int | None = None, affine: bool = True) -> Eraser:
         """The eraser of component (pos index, layer), restricted to its first ``k`` columns."""
-        k = int(self.rank[pos, layer]) if k is None else min(k, int(self.rank[pos, layer]))
+        k = int(self.k[pos, layer]) if k is None else min(k, int(self.k[pos, layer]))
         left = self.left[pos, layer, :, :k]
         right = left if self.right is None else self.right[pos, layer, :, :k]
         bias = self.bias[pos, layer] if (affine and self.bias is not None) else None
@@ -104,7 +107,7 @@ class DirectionSet:
 
     # ------------------------------------------------------------------ persistence
     def tensors(self) -> dict[str, Tensor]:
-        out = {"direction": self.direction, "scale": self.scale, "left": self.left, "rank": self.rank}
+        out = {"direction": self.direction, "scale": self.scale, "left": self.left, "rank": self.k}
         if self.right is not None:
             out["right"] = self.right
         if self.bias is not None:
@@ -124,7 +127,7 @@ class DirectionSet:
             direction=tensors["direction"],
             scale=tensors["scale"],
             left=tensors["left"],
-            rank=tensors["rank"],
+            k=tensors["rank"],
             right=tensors.get("right"),
             bias=tensors.get("bias"),
             extras=extras,

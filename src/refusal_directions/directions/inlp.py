@@ -343,7 +343,7 @@ def fit_inlp(
         ``left`` [P, L, D, K_max] float32: V, the orthonormal basis of the removed span in the
         order the classifiers were found (each column oriented harmful-positive on the train
         data), zero-padded to the largest rank K_max of the grid; ``right`` = ``bias`` = None
-        (the eraser is P = I − VVᵀ); ``rank`` [P, L] int64; ``direction`` [P, L, D] the first
+        (the eraser is P = I − VVᵀ); ``k`` [P, L] int64 (the rank of VVᵀ); ``direction`` [P, L, D] the first
         classifier's unit direction, oriented so that harmful train points score higher (zero if
         that classifier was degenerate); ``scale`` [P, L] the norm of mean(harmful) −
         mean(harmless) over all prompts (unbalanced); ``extras["accuracies"]`` [P, L, max_iter]
@@ -453,7 +453,7 @@ def fit_inlp(
         direction=direction.reshape(P, L, D),
         scale=mean_diff.norm(dim=-1).float().cpu(),
         left=left.reshape(P, L, D, k_max),
-        rank=rank.reshape(P, L).cpu(),
+        k=rank.reshape(P, L).cpu(),
         extras={"accuracies": acc.reshape(P, L, max_iter).cpu()},
     )
 
@@ -476,7 +476,7 @@ def k_for_policy(directions: DirectionSet, policy: KPolicy, k: int | None = None
         rebuilds P from an SVD of those classifiers' summed rowspace projections, which can
         add spurious dimensions (DESIGN.md §11, docs/reference_parity.md).
     """
-    rank = directions.rank.long()
+    rank = directions.k.long()
     if policy == "none":
         return rank.clone()
     if policy == "fixed":
