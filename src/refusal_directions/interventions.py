@@ -366,7 +366,38 @@ def _verify_bakeable(adapter: ModelAdapter) -> str | None:
     errors: list[str] = []
     worst: dict[str, float] = {}
     seen: dict[str, Tensor] = {}
-    busy: set[int] = set()
+    handles = []
+    try:
+        _add_write_checks(adapter, basis, worst, handles)
+        handles += _stream_recorders(adapter, seen)
+        text = adapter.format_prompt("Hello! Can you tell me about the weather today?")
+        ids = adapter.tokenizer(text, add_special_tokens=False)["input_ids"][:16] or [0]
+        n_vocab = adapter.model.get_input_embeddings().weight.shape[0]
+        adapter.model(input_ids=torch.tensor([[i % n_vocab for i in ids]], device=adapter.input_device), use_cache=False)
+    except BakingError as exc:
+        errors.append(str(exc))
+    finally:
+        for handle in handles:
+            handle.remove()
+    errors += [f"{label}: baked output differs from the hooked edit by {error:.2g} (relative; tolerance {tolerance:g})"
+               for label, error in worst.items() if not error <= tolerance]
+    scale = 1.0
+    if not errors and "embedding" in seen and "input" in seen:
+        scale = _embedding_scale(seen["embedding"], seen["input"], tolerance, errors)
+    message = "; ".join(errors)
+    if message:
+        message = f"{type(adapter.model).__name__}: baking would not equal the hooks: {message}. Use hooks."
+    adapter._bake_verification = (message, scale)  # type: ignore[attr-defined]
+    return message or None
+
+
+def _add_write_checks(adapter: ModelAdapter, basis: Tensor, worst: dict[str, float], handles: list) -> None:
+    """Forward hooks (their handles appended to ``handles`` as they are registered, so a caller can
+    remove them even after a failure) on every write point that re-run the module with its
+    projections baked to remove span(``basis`` [D, K]) and record, per write label in ``worst``,
+    the largest per-token error against the hooked edit, relative to the output's norm.
+    Raises ``BakingError`` for a write whose projections cannot be found."""
+    busy: set[int] = set()  # modules being re-run (their hook must not recurse)
 
     def check_write(write: nn.Module, label: str, projections: list[_Projection]):
         names = {id(p): n for n, p in write.named_parameters()}
@@ -391,41 +422,34 @@ def _verify_bakeable(adapter: ModelAdapter) -> str | None:
 
         return hook
 
-    handles = []
-    try:
-        for index, points in enumerate(adapter.hook_points):
-            for name, write in zip(points.names or [str(i) for i in range(len(points.writes))], points.writes):
-                label = f"layer {index} {name} ({type(write).__name__})"
-                handles.append(write.register_forward_hook(check_write(write, label, _write_projections(write, d_model)),
-                                                           with_kwargs=True))
-        embedding = adapter.model.get_input_embeddings()
-        handles.append(embedding.register_forward_hook(lambda m, a, out: seen.__setitem__("embedding", out.detach().float())))
-        handles.append(adapter.layers[0].register_forward_pre_hook(
+    for index, points in enumerate(adapter.hook_points):
+        for name, write in zip(points.names or [str(i) for i in range(len(points.writes))], points.writes):
+            label = f"layer {index} {name} ({type(write).__name__})"
+            hook = check_write(write, label, _write_projections(write, adapter.d_model))
+            handles.append(write.register_forward_hook(hook, with_kwargs=True))
+
+
+def _stream_recorders(adapter: ModelAdapter, seen: dict[str, Tensor]) -> list:
+    """Hooks (handles returned) recording the embedding output (``seen["embedding"]``) and the
+    stream entering layer 0 (``seen["input"]``), float32."""
+    embedding = adapter.model.get_input_embeddings()
+    return [
+        embedding.register_forward_hook(lambda m, a, out: seen.__setitem__("embedding", out.detach().float())),
+        adapter.layers[0].register_forward_pre_hook(
             lambda m, args, kwargs: seen.__setitem__("input", (args[0] if args else kwargs["hidden_states"]).detach().float()),
-            with_kwargs=True))
-        text = adapter.format_prompt("Hello! Can you tell me about the weather today?")
-        ids = adapter.tokenizer(text, add_special_tokens=False)["input_ids"][:16] or [0]
-        n_vocab = embedding.weight.shape[0]
-        adapter.model(input_ids=torch.tensor([[i % n_vocab for i in ids]], device=adapter.input_device), use_cache=False)
-    except BakingError as exc:
-        errors.append(str(exc))
-    finally:
-        for handle in handles:
-            handle.remove()
-    errors += [f"{label}: baked output differs from the hooked edit by {error:.2g} (relative; tolerance {tolerance:g})"
-               for label, error in worst.items() if not error <= tolerance]
-    scale = 1.0
-    if not errors and "embedding" in seen and "input" in seen:
-        emb, x = seen["embedding"].reshape(-1), seen["input"].to(seen["embedding"].device).reshape(-1)
-        scale = float((emb @ x) / (emb @ emb).clamp_min(1e-30)) if emb.numel() == x.numel() else float("nan")
-        if not (emb.numel() == x.numel() and (x - scale * emb).norm() <= tolerance * x.norm()):
-            errors.append("the stream entering the first layer is not the embedding output (position embeddings or "
-                          "another transform are added), so editing the embedding rows cannot edit it")
-    message = "; ".join(errors)
-    if message:
-        message = f"{type(adapter.model).__name__}: baking would not equal the hooks: {message}. Use hooks."
-    adapter._bake_verification = (message, scale)  # type: ignore[attr-defined]
-    return message or None
+            with_kwargs=True),
+    ]
+
+
+def _embedding_scale(embedding: Tensor, stream: Tensor, tolerance: float, errors: list[str]) -> float:
+    """The constant c with stream = c * embedding (least squares; NaN if their sizes differ), and an
+    entry in ``errors`` when the stream entering layer 0 is not that multiple within ``tolerance``."""
+    emb, x = embedding.reshape(-1), stream.to(embedding.device).reshape(-1)
+    scale = float((emb @ x) / (emb @ emb).clamp_min(1e-30)) if emb.numel() == x.numel() else float("nan")
+    if not (emb.numel() == x.numel() and (x - scale * emb).norm() <= tolerance * x.norm()):
+        errors.append("the stream entering the first layer is not the embedding output (position embeddings or "
+                      "another transform are added), so editing the embedding rows cannot edit it")
+    return scale
 
 
 def check_bakeable(adapter: ModelAdapter, removal: Removal) -> None:

@@ -206,6 +206,26 @@ def iter_final_hidden(
     Yields ``(indices, hidden)`` per batch: ``hidden[j]`` is ``[len(positions[indices[j]]), d_model]``
     on the model's output device, in the order of the requested positions.
     """
+    _check_requests(sequences, positions, groups)
+    forward = _Forward.of(adapter, batch_size, max_padding)
+    units = _plan(sequences, positions, groups, share_prefix, min_prefix)
+    shared = [u for u in units if u.prefix_len]
+    waves = [[shared[j] for j in b] for b in _batches([u.prefix_len for u in shared], batch_size, max_padding)]
+    loose = [i for u in units if not u.prefix_len for i in u.members]
+    with tqdm(total=len(sequences), desc=desc, unit="seq", leave=False) as bar:
+        for wave in waves:
+            for batch, hidden in _wave_batches(forward, wave, sequences, positions):
+                yield batch, hidden
+                bar.update(len(batch))
+        for batch, hidden in _loose_batches(forward, loose, sequences, positions):
+            yield batch, hidden
+            bar.update(len(batch))
+
+
+def _check_requests(
+    sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]], groups: Sequence[Hashable] | None
+) -> None:
+    """``ValueError`` unless there is one positions list (and group key) per sequence, each position inside it."""
     if len(sequences) != len(positions):
         raise ValueError("one positions list per sequence is needed")
     if groups is not None and len(groups) != len(sequences):
@@ -213,50 +233,76 @@ def iter_final_hidden(
     for i, (seq, pos) in enumerate(zip(sequences, positions)):
         if any(p < 0 or p >= len(seq) for p in pos):
             raise ValueError(f"sequence {i}: positions {list(pos)} outside 0..{len(seq) - 1}")
-    device = adapter.input_device
-    module = _decoder(adapter)
-    cache_kw = _cache_kwarg(module)
-    decoder = scoring_forward(module, device)
-    pad = _pad_id(adapter)
-    units = _plan(sequences, positions, groups, share_prefix, min_prefix)
-    shared = [u for u in units if u.prefix_len]
-    waves = [[shared[j] for j in b] for b in _batches([u.prefix_len for u in shared], batch_size, max_padding)]
-    loose = [i for u in units if not u.prefix_len for i in u.members]
-    # With sliding-window attention, prefixes are left-padded so that each ends where its suffix
-    # starts (cache slots as far apart as positions), and suffixes are not packed.
-    left = adapter.has_sliding_window
-    pack = PACK_TOKENS if _can_pack(adapter) else 0
-    with tqdm(total=len(sequences), desc=desc, unit="seq", leave=False) as bar:
-        # Prefixed units in waves of similar prefix length: one batched forward computes the
-        # wave's prefixes. Each suffix row then reads its own unit's prefix from the KV cache, so
-        # rows of different groups share a batch; a row packs several suffixes of one unit
-        # (``pack`` tokens at most), each attending to the prefix and causally to itself only.
-        # Batches are right-padded, and those without a cache run without an attention mask:
-        # under causal attention no real token sees the padding after it, and without a mask
-        # SDPA can use its fastest (flash) kernels.
-        for wave in waves:
-            prefix_cache, prefix_mask = _prefix_cache(decoder, [sequences[u.members[0]][: u.prefix_len] for u in wave], pad, left, device)
-            suffix_length = {i: len(sequences[i]) - u.prefix_len for u in wave for i in u.members}
-            rows = [(k, packed) for k, u in enumerate(wave) for packed in _pack(u.members, suffix_length, pack)]
-            row_lengths = [sum(suffix_length[i] for i in members) for _, members in rows]
-            for rows_of_batch in _batches(row_lengths, batch_size, max_padding):
-                chunk = [rows[r] for r in rows_of_batch]
-                inputs, unit_of_row, starts = _suffix_inputs(chunk, wave, sequences, prefix_mask, pad, pack > 0, adapter.dtype, device)
-                cache = _cache_rows(prefix_cache, unit_of_row)
-                out = decoder(**inputs, use_cache=True, **{cache_kw: cache})
-                del cache
-                batch = [i for _, members in chunk for i in members]
-                row_of = [r for r, (_, members) in enumerate(chunk) for _ in members]
-                offsets = [[starts[i] + p - wave[k].prefix_len for p in positions[i]] for k, members in chunk for i in members]
-                yield batch, _select_rows(out.last_hidden_state, offsets, row_of)
-                bar.update(len(batch))
-            del prefix_cache
-        for rows_of_batch in _batches([len(sequences[i]) for i in loose], batch_size, max_padding):
-            batch = [loose[r] for r in rows_of_batch]
-            ids, _ = _pad_batch([sequences[i] for i in batch], pad)
-            out = decoder(input_ids=_to_device(ids, device), use_cache=False)
-            yield batch, _select_rows(out.last_hidden_state, [positions[i] for i in batch])
-            bar.update(len(batch))
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """How ``iter_final_hidden`` calls the decoder for one model.
+
+    ``left``: with sliding-window attention, prefixes are left-padded so that each ends where its
+    suffix starts (cache slots as far apart as positions), and suffixes are not packed. ``pack``:
+    the token budget of a packed suffix row (0: one suffix per row).
+    """
+
+    decoder: object  # the decoder under ``attention.scoring_forward``
+    cache_kw: str
+    pad: int
+    device: torch.device
+    dtype: torch.dtype
+    left: bool
+    pack: int
+    batch_size: int
+    max_padding: float
+
+    @classmethod
+    def of(cls, adapter: ModelAdapter, batch_size: int, max_padding: float) -> "_Forward":
+        module = _decoder(adapter)
+        device = adapter.input_device
+        return cls(scoring_forward(module, device), _cache_kwarg(module), _pad_id(adapter), device, adapter.dtype,
+                   adapter.has_sliding_window, PACK_TOKENS if _can_pack(adapter) else 0, batch_size, max_padding)
+
+
+def _wave_batches(
+    forward: _Forward, wave: Sequence[_Unit], sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]]
+) -> Iterator[tuple[list[int], list[Tensor]]]:
+    """``iter_final_hidden``'s batches for a wave of prefixed units of similar prefix length.
+
+    One batched forward computes the wave's prefixes. Each suffix row then reads its own unit's
+    prefix from the KV cache, so rows of different groups share a batch; a row packs several
+    suffixes of one unit (``forward.pack`` tokens at most), each attending to the prefix and
+    causally to itself only.
+    """
+    prefixes = [sequences[u.members[0]][: u.prefix_len] for u in wave]
+    prefix_cache, prefix_mask = _prefix_cache(forward.decoder, prefixes, forward.pad, forward.left, forward.device)
+    suffix_length = {i: len(sequences[i]) - u.prefix_len for u in wave for i in u.members}
+    rows = [(k, packed) for k, u in enumerate(wave) for packed in _pack(u.members, suffix_length, forward.pack)]
+    row_lengths = [sum(suffix_length[i] for i in members) for _, members in rows]
+    for rows_of_batch in _batches(row_lengths, forward.batch_size, forward.max_padding):
+        chunk = [rows[r] for r in rows_of_batch]
+        inputs, unit_of_row, starts = _suffix_inputs(chunk, wave, sequences, prefix_mask, forward.pad, forward.pack > 0,
+                                                     forward.dtype, forward.device)
+        cache = _cache_rows(prefix_cache, unit_of_row)
+        out = forward.decoder(**inputs, use_cache=True, **{forward.cache_kw: cache})
+        del cache
+        batch = [i for _, members in chunk for i in members]
+        row_of = [r for r, (_, members) in enumerate(chunk) for _ in members]
+        offsets = [[starts[i] + p - wave[k].prefix_len for p in positions[i]] for k, members in chunk for i in members]
+        yield batch, _select_rows(out.last_hidden_state, offsets, row_of)
+
+
+def _loose_batches(
+    forward: _Forward, loose: Sequence[int], sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]]
+) -> Iterator[tuple[list[int], list[Tensor]]]:
+    """``iter_final_hidden``'s batches for the sequences scored whole (no shared prefix).
+
+    Right-padded and run without an attention mask: under causal attention no real token sees
+    the padding after it, and without a mask SDPA can use its fastest (flash) kernels.
+    """
+    for rows_of_batch in _batches([len(sequences[i]) for i in loose], forward.batch_size, forward.max_padding):
+        batch = [loose[r] for r in rows_of_batch]
+        ids, _ = _pad_batch([sequences[i] for i in batch], forward.pad)
+        out = forward.decoder(input_ids=_to_device(ids, forward.device), use_cache=False)
+        yield batch, _select_rows(out.last_hidden_state, [positions[i] for i in batch])
 
 
 def _can_pack(adapter: ModelAdapter) -> bool:
