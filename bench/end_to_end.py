@@ -118,7 +118,7 @@ def stage_extract(adapter, args) -> None:
                       ("leace", lambda: fit_leace(h, b, positions, device=adapter.input_device))):
         with Timer() as t:
             ds = fit()
-        extra = {"mean_rank": round(float(ds.rank.float().mean()), 2)} if name == "inlp" else {}
+        extra = {"mean_rank": round(float(ds.k.float().mean()), 2)} if name == "inlp" else {}
         emit(stage="extract", step=name, seconds=round(t.seconds, 2), pairs=ds.n_positions * ds.n_layers, **extra)
 
 
@@ -167,7 +167,7 @@ def stage_generate(adapter, args) -> None:
         "reflection-reference": Removal(Eraser(r[:, None], r[:, None]), range(adapter.n_layers), alpha=2.0),
     }
     pool = prompts(args.data_dir, "jailbreakbench", args.n_test) + prompts(args.data_dir, "harmless_test", args.n_test)
-    slots = InterventionSlots(adapter, max_rank=8)
+    slots = InterventionSlots(adapter, max_k=8)
 
     def run(name: str, batch: int, todo: list[str], max_new: int):
         if name == "bare-static":  # static cache with no hook at all: the compiled baseline

@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
         same_iters += len(a) == len(r.accuracies)
         diffs = [abs(x - y) for x, y in zip(a, r.accuracies)] + ([1.0] if len(a) != len(r.accuracies) else [])
         max_acc_diff = max(max_acc_diff, max(diffs, default=0.0))
-        k = int(fast.rank[p, l])
-        same_rank += k == r.rank
+        k = int(fast.k[p, l])
+        same_rank += k == r.k
         if float(r.first_dir.norm()) == 0 and float(fast.direction[p, l].norm()) == 0:
             degenerate += 1  # both found a degenerate (intercept-only) first classifier
         else:
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         "grid": {"positions": P, "layers": L, "d": D, "n_harmful": harmful.shape[0], "n_harmless": harmless.shape[0]},
         "fast_seconds": fast_s,
         "fast_classifiers": fast_classifiers,
-        "fast_mean_rank": float(fast.rank.double().mean()),
+        "fast_mean_rank": float(fast.k.double().mean()),
         "reference_solver": args.reference_solver,
         "reference_pairs": n_ref,
         "reference_seconds_measured": ref_s,

@@ -43,7 +43,8 @@ class ReferenceResult:
     seconds: float = 0.0
 
     @property
-    def rank(self) -> int:
+    def k(self) -> int:
+        """The number of directions in P's nullspace (columns of ``basis``)."""
         return self.basis.shape[1]
 
 

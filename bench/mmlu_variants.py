@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from end_to_end import build_adapter, mmlu_questions, sync  # noqa: E402
 from evaluation import simple_scores  # noqa: E402
 
-from refusal_directions.evaluation import loss  # noqa: E402
+from refusal_directions.evaluation import prefix_scorer  # noqa: E402
 from refusal_directions.evaluation.benchmarks import evaluate_mmlu, mmlu_prompt, mmlu_shots  # noqa: E402
 
 
@@ -44,9 +44,9 @@ def main() -> None:
     prompts = [mmlu_prompt(q, shots[q["subject"]]) for q in questions]
     letter_ids = [adapter.tokenizer(" " + x, add_special_tokens=False)["input_ids"][0] for x in "ABCD"]
 
-    can_pack = loss._can_pack
+    can_pack = prefix_scorer._can_pack
     variants = {  # name: (packing allowed, padding bound)
-        f"packed, padding {loss.MAX_PADDING:.0%} (default)": (True, loss.MAX_PADDING),
+        f"packed, padding {prefix_scorer.MAX_PADDING:.0%} (default)": (True, prefix_scorer.MAX_PADDING),
         "packed, padding 25%": (True, 0.25),
         "not packed, padding 25% (before packing)": (False, 0.25),
     }
@@ -60,8 +60,8 @@ def main() -> None:
 
     def ours(name: str):
         packing, padding = variants[name]
-        loss._can_pack = can_pack if packing else (lambda adapter: False)
-        loss.iter_final_hidden.__kwdefaults__["max_padding"] = padding
+        prefix_scorer._can_pack = can_pack if packing else (lambda adapter: False)
+        prefix_scorer.iter_final_hidden.__kwdefaults__["max_padding"] = padding
         seconds, result = timed(lambda: evaluate_mmlu(adapter, questions, dev, n_boot=10, batch_size=args.batch_size))
         return seconds, np.array([q["logprobs"] for q in result["questions"]])
 

@@ -93,7 +93,7 @@ def main() -> None:
         removal = removal_for(dim, 0, best.layer, range(adapter.n_layers))
         enc = adapter.encode_instructions(val_h)
         with intervene(adapter, removal):
-            logits = adapter.model(**enc, logits_to_keep=1).logits[:, -1].float().cpu()
+            logits = adapter.last_logits(enc).cpu()
             tokens = generate_tokens(adapter, val_h, 16, 8)
         seconds = time.perf_counter() - start
         print(json.dumps({"run": tag, "seconds": round(seconds, 1), "best_layer": best.layer}), flush=True)

@@ -33,7 +33,7 @@ def score_by_full_forwards(adapter, dim, harmful, harmless, multipliers, batch_s
     base_logits = []
     for start in range(0, len(harmless), batch_size):
         enc = adapter.encode_instructions(harmless[start : start + batch_size])
-        base_logits.append(adapter.model(**enc, logits_to_keep=1).logits[:, -1].float())
+        base_logits.append(adapter.last_logits(enc))
     for p in range(dim.n_positions):
         for l in range(dim.n_layers):
             removal = removal_for(dim, p, l, [l])
@@ -42,7 +42,7 @@ def score_by_full_forwards(adapter, dim, harmful, harmless, multipliers, batch_s
             with intervene(adapter, removal):
                 for i, start in enumerate(range(0, len(harmless), batch_size)):
                     enc = adapter.encode_instructions(harmless[start : start + batch_size])
-                    kl.append(kl_divergence(base_logits[i], adapter.model(**enc, logits_to_keep=1).logits[:, -1]))
+                    kl.append(kl_divergence(base_logits[i], adapter.last_logits(enc)))
             steering = max(
                 float(refusal_scores(adapter, harmless, batch_size, actadd_for(dim, p, l, m * float(dim.scale[p, l]))).mean())
                 for m in multipliers

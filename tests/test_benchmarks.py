@@ -15,7 +15,7 @@ from refusal_directions.evaluation.benchmarks import (
     evaluate_mmlu,
     mmlu_prompt,
 )
-from refusal_directions.evaluation.loss import SequenceScores
+from refusal_directions.evaluation.prefix_scorer import SequenceScores
 from refusal_directions.models import ModelAdapter
 from tiny import CHATML_TEMPLATE, SPECIAL_TOKENS, make_adapter, make_config, model_from_config
 

@@ -54,7 +54,7 @@ def test_embedded_exports_reproduce_the_hooked_completions(tmp_path, data_dir):
     for method in ("diff_in_means", "inlp"):
         best = selection[method].best
         removal = removal_for(sets[method], best.pos_index, best.layer, range(adapter.n_layers),
-                              best.rank if method == "inlp" else None)
+                              best.k if method == "inlp" else None)
         with intervene(adapter, removal):
             hooked = _new_tokens(adapter.model, enc, gen)
         baseline = _new_tokens(adapter.model, enc, gen)
@@ -75,7 +75,7 @@ def test_embedded_exports_reproduce_the_hooked_completions(tmp_path, data_dir):
         changed = sum(a != b for a, b in zip(hooked, baseline))
         for kind, tokens in (("full", from_full), ("lora", from_lora)):
             same = sum(a == b for a, b in zip(tokens, hooked))
-            rows.append({"method": method, "export": kind, "layer": best.layer, "k": removal.rank,
+            rows.append({"method": method, "export": kind, "layer": best.layer, "k": removal.k,
                          "identical_to_hooked": same, "prompts": len(PROMPTS), "hooked_differs_from_baseline": changed,
                          "example": tokenizer.decode(tokens[0], skip_special_tokens=True)})
         assert from_full == hooked and from_lora == hooked, method

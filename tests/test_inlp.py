@@ -43,14 +43,14 @@ def n_classifiers(ds: DirectionSet) -> torch.Tensor:
 
 
 def assert_matches_reference(fast: DirectionSet, ref: dict) -> None:
-    """Same classifiers, accuracies and rank; first direction and subspace agree."""
+    """Same classifiers, accuracies and k; first direction and subspace agree."""
     for (p, l), r in ref.items():
         acc = fast.extras["accuracies"][p, l]
         n_it = int(n_classifiers(fast)[p, l])
         assert n_it == len(r.accuracies), f"({p}, {l}): {acc[:n_it].tolist()} vs {r.accuracies}"
         torch.testing.assert_close(acc[:n_it].double(), torch.tensor(r.accuracies, dtype=torch.float64), atol=1e-6, rtol=0)
-        k = int(fast.rank[p, l])
-        assert k == r.rank, (p, l)
+        k = int(fast.k[p, l])
+        assert k == r.k, (p, l)
         if float(r.first_dir.norm()) == 0:  # a degenerate first classifier (intercept only)
             assert float(fast.direction[p, l].norm()) == 0, (p, l)
         else:
@@ -75,7 +75,7 @@ def planted_fit(planted):
 def test_matches_reference_on_planted_data(planted, planted_fit):
     ref = reference_grid(*planted, INLPConfig())
     assert_matches_reference(planted_fit, ref)
-    assert int(planted_fit.rank.max()) >= 3  # the planted structure takes several classifiers
+    assert int(planted_fit.k.max()) >= 3  # the planted structure takes several classifiers
     assert bool((planted_fit.extras["accuracies"][..., 0] > 0.9).all())
 
 
@@ -90,7 +90,7 @@ def test_matches_reference_when_the_span_is_exhausted():
     config = INLPConfig(min_accuracy=0.0)  # never stop on accuracy
     fast = fit_inlp(harmful, harmless, config, progress=False)
     assert_matches_reference(fast, reference_grid(harmful, harmless, config))
-    assert fast.rank.tolist() == [[3, 3]] and n_classifiers(fast).tolist() == [[3, 3]]
+    assert fast.k.tolist() == [[3, 3]] and n_classifiers(fast).tolist() == [[3, 3]]
 
 
 def test_matches_reference_on_tiny_model_activations():
@@ -108,8 +108,8 @@ def test_matches_reference_on_tiny_model_activations():
     assert_matches_reference(fast, reference_grid(h1, h0, config))
     # Layer 0 sees the same template token in every prompt: all points equal, a degenerate
     # (intercept-only) classifier, no direction. Layer 1 has mixed in the prompt by attention.
-    assert fast.rank[:, 0].tolist() == [0, 0] and float(fast.direction[:, 0].abs().max()) == 0
-    assert bool((fast.rank[:, 1] >= 1).all())
+    assert fast.k[:, 0].tolist() == [0, 0] and float(fast.direction[:, 0].abs().max()) == 0
+    assert bool((fast.k[:, 1] >= 1).all())
 
 
 def test_skip_mode_drops_exactly_the_failing_classifier(planted):
@@ -119,23 +119,23 @@ def test_skip_mode_drops_exactly_the_failing_classifier(planted):
     last = ref_mode.extras["accuracies"].gather(-1, (n_classifiers(ref_mode) - 1).unsqueeze(-1)).squeeze(-1)
     failed = last < 0.55
     assert bool(failed.any())
-    assert torch.equal(ref_mode.rank[failed], skip_mode.rank[failed] + 1)
-    assert torch.equal(ref_mode.rank[~failed], skip_mode.rank[~failed])
+    assert torch.equal(ref_mode.k[failed], skip_mode.k[failed] + 1)
+    assert torch.equal(ref_mode.k[~failed], skip_mode.k[~failed])
     for p, l in zip(*torch.nonzero(torch.ones_like(failed), as_tuple=True)):
-        k = int(skip_mode.rank[p, l])
+        k = int(skip_mode.k[p, l])
         torch.testing.assert_close(ref_mode.left[p, l, :, :k], skip_mode.left[p, l, :, :k])
-    assert skip_mode.rank.tolist() == (ref_mode.rank - failed.long()).tolist()
+    assert skip_mode.k.tolist() == (ref_mode.k - failed.long()).tolist()
 
 
 def test_basis_is_orthonormal_and_padded(planted_fit):
     ds = planted_fit
     P, L, D, k_max = ds.left.shape
-    assert (P, L, D) == (2, 3, 48) and k_max == int(ds.rank.max())
-    assert ds.left.dtype == ds.direction.dtype == ds.scale.dtype == torch.float32 and ds.rank.dtype == torch.int64
+    assert (P, L, D) == (2, 3, 48) and k_max == int(ds.k.max())
+    assert ds.left.dtype == ds.direction.dtype == ds.scale.dtype == torch.float32 and ds.k.dtype == torch.int64
     assert ds.right is None and ds.bias is None and ds.method == "inlp" and ds.positions == [-2, -1]
     for p in range(P):
         for l in range(L):
-            k = int(ds.rank[p, l])
+            k = int(ds.k[p, l])
             V = ds.left[p, l, :, :k].double()
             torch.testing.assert_close(V.T @ V, torch.eye(k, dtype=torch.float64), atol=1e-6, rtol=0)
             assert bool((ds.left[p, l, :, k:] == 0).all())
@@ -191,7 +191,7 @@ def test_imbalanced_input_equals_its_balanced_subset(planted):
 def test_max_iter_caps_the_rank(planted):
     ds = fit_inlp(*planted, INLPConfig(max_iter=2, min_accuracy=0.0), progress=False)
     assert ds.extras["accuracies"].shape == (2, 3, 2)
-    assert ds.rank.tolist() == [[2, 2, 2], [2, 2, 2]]
+    assert ds.k.tolist() == [[2, 2, 2], [2, 2, 2]]
 
 
 def test_newton_reaches_the_optimum():
@@ -223,14 +223,14 @@ def test_k_for_policy():
     rank = torch.tensor([[4, 4], [3, 5]])
     ds = DirectionSet(
         method="inlp", positions=[-2, -1], direction=torch.zeros(2, 2, 4), scale=torch.ones(2, 2),
-        left=torch.zeros(2, 2, 4, 5), rank=rank, extras={"accuracies": accuracies},
+        left=torch.zeros(2, 2, 4, 5), k=rank, extras={"accuracies": accuracies},
     )
     assert k_for_policy(ds, "none").tolist() == [[4, 4], [3, 5]]
     assert k_for_policy(ds, "fixed", 2).tolist() == [[2, 2], [2, 2]]
     assert k_for_policy(ds, "fixed", 10).tolist() == [[4, 4], [3, 5]]
     assert k_for_policy(ds, "acc99").tolist() == [[2, 0], [0, 2]]  # counts; 0 is kept (selection skips it)
     assert k_for_policy(ds, "acc95").tolist() == [[3, 2], [0, 2]]
-    zero_rank = DirectionSet(**{**ds.__dict__, "rank": torch.zeros(2, 2, dtype=torch.int64)})
+    zero_rank = DirectionSet(**{**ds.__dict__, "k": torch.zeros(2, 2, dtype=torch.int64)})
     assert k_for_policy(zero_rank, "acc95").tolist() == [[0, 0], [0, 0]]
     with pytest.raises(ValueError):
         k_for_policy(ds, "fixed")
@@ -257,9 +257,9 @@ def test_geometry_without_a_leace_readout():
     from refusal_directions.directions.geometry import geometry
 
     dim = DirectionSet(method="diff_in_means", positions=[-1], direction=torch.ones(1, 2, 4) / 2, scale=torch.ones(1, 2),
-                       left=torch.ones(1, 2, 4, 1) / 2, rank=torch.ones(1, 2, dtype=torch.int64))
+                       left=torch.ones(1, 2, 4, 1) / 2, k=torch.ones(1, 2, dtype=torch.int64))
     leace = DirectionSet(method="leace", positions=[-1], direction=torch.zeros(1, 2, 4), scale=torch.ones(1, 2),
                          left=torch.zeros(1, 2, 4, 0), right=torch.zeros(1, 2, 4, 0),
-                         rank=torch.zeros(1, 2, dtype=torch.int64))
+                         k=torch.zeros(1, 2, dtype=torch.int64))
     out = geometry(dim, None, leace)
     assert "cos_dim_leace_readout" not in out and out["dim_norm"] == [[1.0, 1.0]]

@@ -202,7 +202,7 @@ def test_slots_equal_hooks(kind):
     enc = adapter.encode_instructions(PROMPTS)
     with intervene(adapter, intervention):
         expected = adapter.model(**enc).logits
-    slots = InterventionSlots(adapter, max_rank=4)
+    slots = InterventionSlots(adapter, max_k=4)
     with apply_hooks(slots.hooks()):
         slots.load(Removal(Eraser(V, V), range(4)))  # something else first: load() must reset it
         slots.load(intervention)
@@ -216,7 +216,7 @@ def test_slots_are_respected_by_a_compiled_forward():
 
     adapter = make_adapter("llama", n_layers=2, d_model=32)
     enc = adapter.encode_instructions(["hello there"])
-    slots = InterventionSlots(adapter, max_rank=1)
+    slots = InterventionSlots(adapter, max_k=1)
     r = unit(32)
     with apply_hooks(slots.hooks()):
         compiled = torch.compile(adapter.model.forward, backend="eager")
@@ -245,7 +245,7 @@ def test_affine_eraser_with_per_layer_centres():
     centres = torch.randn(3, 64)
     ds = DirectionSet("leace", [-1], direction=u.expand(1, 3, 64), scale=torch.ones(1, 3),
                       left=left.expand(1, 3, 64, 1).clone(), right=right.expand(1, 3, 64, 1).clone(),
-                      bias=centres[None], rank=torch.ones(1, 3, dtype=torch.int64))
+                      bias=centres[None], k=torch.ones(1, 3, dtype=torch.int64))
     removal = removal_for(ds, 0, 1, range(3))
     assert removal.block_input_layers() == [0, 1, 2]
     inputs, logits = layer_inputs(adapter, removal)
@@ -253,7 +253,7 @@ def test_affine_eraser_with_per_layer_centres():
         assert ((inputs[l] - centres[l]) @ w).abs().max() < 1e-4
     with pytest.raises(BakingError, match="per-layer centres"):
         check_bakeable(adapter, removal)
-    slots = InterventionSlots(adapter, max_rank=1)
+    slots = InterventionSlots(adapter, max_k=1)
     enc = adapter.encode_instructions(PROMPTS)
     with apply_hooks(slots.hooks()):
         slots.load(removal)
@@ -274,6 +274,6 @@ def test_input_only_removal_and_composites():
     assert (inputs[3] @ V).abs().max() > 1e-3  # layer 2's writes put the concept back
     parts = [Removal(Eraser(V[:, :1], V[:, :1]), [1]), Removal(Eraser(V[:, 1:], V[:, 1:]), [3])]
     both = Composite(parts)
-    assert both.rank == 1 and len(both.hooks(adapter)) == sum(len(p.hooks(adapter)) for p in parts)
+    assert both.k == 1 and len(both.hooks(adapter)) == sum(len(p.hooks(adapter)) for p in parts)
     inputs, _ = layer_inputs(adapter, both)
     assert (inputs[1] @ V[:, :1]).abs().max() < 1e-4 and (inputs[3] @ V[:, 1:]).abs().max() < 1e-4

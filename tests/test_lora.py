@@ -116,7 +116,7 @@ def test_base_plus_adapter_equals_baked_equals_hooks(arch, method, direction_set
 
 def test_the_test_removals_have_the_intended_structure(direction_sets):
     dim, inlp, leace = (removal(direction_sets, m) for m in ("diff_in_means", "inlp", "leace"))
-    assert dim.rank == 1 and inlp.rank == 3
+    assert dim.k == 1 and inlp.k == 3
     assert torch.allclose(inlp.eraser.left, inlp.eraser.right)  # orthogonal projection V Vᵀ
     assert not torch.allclose(leace.eraser.left, leace.eraser.right, atol=1e-3)  # oblique: P ≠ Pᵀ
     assert leace.eraser.bias is None and not leace.affine
@@ -188,7 +188,7 @@ def test_post_sublayer_norms_are_refused(direction_sets):
         lora_adapter_for(adapter_for("gemma2"), removal(direction_sets, "diff_in_means"))
 
 
-@pytest.mark.parametrize("case", ["one layer", "affine", "block inputs only", "rank 0"])
+@pytest.mark.parametrize("case", ["one layer", "affine", "block inputs only", "k = 0"])
 def test_non_linear_or_partial_removals_are_refused(case, direction_sets):
     sets = direction_sets
     edits = {
@@ -196,7 +196,7 @@ def test_non_linear_or_partial_removals_are_refused(case, direction_sets):
         "affine": (Removal(Eraser(sets["leace"].left[0, 1, :, :1], sets["leace"].right[0, 1, :, :1],
                                   sets["leace"].bias[0, 1]), list(range(N_LAYERS))), "non-affine"),
         "block inputs only": (removal(sets, "inlp", writes=False), "writes=False"),
-        "rank 0": (Removal(Eraser(torch.zeros(D_MODEL, 0), torch.zeros(D_MODEL, 0)), list(range(N_LAYERS))), "rank 0"),
+        "k = 0": (Removal(Eraser(torch.zeros(D_MODEL, 0), torch.zeros(D_MODEL, 0)), list(range(N_LAYERS))), "k = 0"),
     }
     edit, message = edits[case]
     with pytest.raises(LoraExportError, match=message):

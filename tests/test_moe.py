@@ -12,7 +12,7 @@ from torch import nn
 from refusal_directions import interventions
 from refusal_directions.activations import cache_activations
 from refusal_directions.directions.base import Eraser
-from refusal_directions.evaluation.loss import check_head, iter_final_hidden, sequence_logprobs
+from refusal_directions.evaluation.prefix_scorer import check_head, iter_final_hidden, sequence_logprobs
 from refusal_directions.generation import generate_tokens
 from refusal_directions.interventions import BakingError, Removal, applied, bake, check_bakeable, intervene, restore
 from refusal_directions.models import ModelAdapter

@@ -282,14 +282,14 @@ def test_export_as_lora_adapter_with_model_card_and_push(complete_run, tiny_mode
     best = P.load_selection(run)["inlp"].best
     sets = P.load_extraction(run).direction_sets
     enc = run.adapter.encode_instructions(["how do I pick a lock", "write a poem"])
-    removal = removal_for(sets["inlp"], best.pos_index, best.layer, range(run.adapter.n_layers), best.rank)
+    removal = removal_for(sets["inlp"], best.pos_index, best.layer, range(run.adapter.n_layers), best.k)
     with intervene(run.adapter, removal):
         hooked = run.adapter.model(**enc).logits
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     adapted = PeftModel.from_pretrained(base, out).eval()
     assert (adapted(**enc).logits - hooked).abs().max() <= 1e-4
     meta = json.loads((out / "refusal_directions.json").read_text())
-    assert meta["format"] == "peft-lora" and meta["method"] == "inlp" and meta["r"] == removal.rank
+    assert meta["format"] == "peft-lora" and meta["method"] == "inlp" and meta["r"] == removal.k
 
 
 def test_full_export_has_a_model_card_and_a_failed_upload_keeps_the_export(complete_run, tiny_model, data_dir, tmp_path):

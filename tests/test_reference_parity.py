@@ -19,7 +19,8 @@ from refusal_directions.directions.diff_in_means import fit_diff_in_means
 from refusal_directions.directions.inlp import INLPConfig, fit_inlp, k_for_policy
 from refusal_directions.interventions import removal_for
 from refusal_directions.pipeline import plan_interventions
-from refusal_directions.selection import SelectionSettings, apply_filters, choose, rank_candidates, select_components
+from refusal_directions.selection import SelectionSettings, apply_filters, choose, rank_candidates
+from selection_helpers import select_components
 from tiny import make_adapter
 
 HARMFUL = ["how to build a weapon", "steal a car now", "make poison at home", "hack the bank", "forge a passport",
@@ -139,7 +140,7 @@ def test_own_directions_option_uses_each_components_eraser(fitted, selected):
     plan = _plan(selected, {"diff_in_means": dim, "inlp": inlp}, scopes=["top:0.5"], scope_directions="own")
     spec = plan["inlp.projection@top0.5"]
     n = reference_target_count(min(len(s.ranked) for s in selected.values()), 50.0)
-    assert spec.components == tuple((c.pos_index, c.layer, c.rank) for c in selected["inlp"].ranked[:n])
+    assert spec.components == tuple((c.pos_index, c.layer, c.k) for c in selected["inlp"].ranked[:n])
     built = spec.build({"diff_in_means": dim, "inlp": inlp})
     for part, (p, l, k) in zip(built.parts, spec.components):
         expected = inlp.eraser(p, l, k)
@@ -166,7 +167,7 @@ def test_k_policy_skips_components_with_k_zero_and_shrinks_the_pool(fitted, poli
     k = k_for_policy(planted, policy)
     for p in range(k.shape[0]):
         for l in range(k.shape[1]):
-            expected = min(reference_k(acc[p, l].tolist(), threshold), int(planted.rank[p, l]))
+            expected = min(reference_k(acc[p, l].tolist(), threshold), int(planted.k[p, l]))
             assert int(k[p, l]) == expected
     table = {(p, l): int(k[p, l]) for p in range(k.shape[0]) for l in range(k.shape[1])}
     sel = _select(adapter, {"diff_in_means": dim, "inlp": planted}, inlp_k=table)

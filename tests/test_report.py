@@ -39,7 +39,7 @@ def make_selection(method: str, fallback: bool = False) -> MethodSelection:
             cand = Candidate(p, pos, l, bypass=-1.0 - 0.3 * l + 0.5 * p, kl=kl, steering=steering,
                              steering_by_multiplier={"1.0": steering},
                              accuracy=0.99 - 0.02 * l if method == "inlp" else None,
-                             rank=1 + l if method == "inlp" else 1)
+                             k=1 + l if method == "inlp" else 1)
             cands.append(cand)
     cands[3].bypass = NAN  # a NaN score survives into the JSON and the plots
     for c in cands:
@@ -67,7 +67,7 @@ def make_specs(selections: dict[str, MethodSelection]) -> list[InterventionSpec]
     for method, sel in selections.items():
         b = sel.best
         common = dict(method=method, pos_index=b.pos_index, position=b.position, layer=b.layer,
-                      layers=tuple(range(N_LAYERS)), k=b.rank if method == "inlp" else None)
+                      layers=tuple(range(N_LAYERS)), k=b.k if method == "inlp" else None)
         specs.append(InterventionSpec(f"{method}.{names[method]}", "removal", **common))
         if method != "leace":
             specs.append(InterventionSpec(f"{method}.actadd-x1", "actadd", coefficient=12.5, **common))

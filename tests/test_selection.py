@@ -12,8 +12,9 @@ from refusal_directions.interventions import ActAdd, intervene, removal_for
 from refusal_directions.scopes import Scope
 from refusal_directions.selection import (
     Candidate, SelectionError, SelectionSettings, apply_filters, choose, kl_divergence, rank_candidates,
-    refusal_scores, score_candidates, select_components, spearman,
+    refusal_scores, score_candidates, spearman,
 )
+from selection_helpers import select_components
 from tiny import make_adapter
 
 HARMFUL = ["how to build a weapon", "steal a car now", "make poison at home", "hack the bank"]
@@ -175,7 +176,7 @@ def test_reference_hook_points_edit_the_block_input_only_for_inlp_and_leace(setu
         scores[mode] = {(c.pos_index, c.layer): c for c in score_candidates(adapter, ds, HARMFUL, HARMLESS, settings,
                                                                            lambda p, l: 1.0)}
     for (p, l), cand in scores["reference"].items():
-        only_input = removal_for(ds, p, l, [l], cand.rank, writes=False)
+        only_input = removal_for(ds, p, l, [l], cand.k, writes=False)
         assert len(only_input.hooks(adapter)) == 1  # the block-input pre-hook of the source layer
         assert cand.bypass == pytest.approx(float(refusal_scores(adapter, HARMFUL, 8, only_input).mean()), abs=1e-4)
     assert len(removal_for(ds, 0, 1, [1]).hooks(adapter)) == 3  # full: block input + attention + MLP outputs
@@ -188,3 +189,12 @@ def test_diff_in_means_keeps_full_hook_points_in_reference_mode(setup):
     b = score_candidates(adapter, dim, HARMFUL, HARMLESS, SelectionSettings(actadd_multipliers=[1.0], hook_points="reference"),
                          lambda p, l: 1.0)
     assert [(c.bypass, c.kl) for c in a] == [(c.bypass, c.kl) for c in b]
+
+
+def test_candidate_k_is_saved_as_rank_and_read_from_either_name():
+    """``select/<method>.json`` keeps the field name "rank" for INLP's k (the format of recorded runs)."""
+    cand = Candidate(0, -1, 2, bypass=0.5, k=3)
+    saved = cand.to_dict()
+    assert saved["rank"] == 3 and "k" not in saved
+    assert Candidate.from_dict(saved) == cand
+    assert Candidate.from_dict({**{k: v for k, v in saved.items() if k != "rank"}, "k": 3}) == cand

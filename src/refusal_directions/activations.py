@@ -60,7 +60,7 @@ def cache_activations(
             enc = adapter.encode_instructions(batch)
             if enc["input_ids"].shape[1] < -min(positions):
                 raise ValueError(f"Prompts are shorter than {-min(positions)} tokens; use fewer positions.")
-            logits = adapter.model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1]
+            logits = adapter.last_logits(enc)
             scores[rows] = refusal_score(logits, adapter.refusal_token_ids).cpu()
             bar.update(len(batch))
     return out, scores

@@ -132,9 +132,9 @@ def print_extraction_summary(extraction: Extraction, console: Console) -> None:
     """Each method's best-separating component (``Extraction.separation``) as a table."""
     from rich.table import Table
 
-    table = Table("method", "best-separating position", "layer", "separation", "INLP rank there", title="Extraction")
+    table = Table("method", "best-separating position", "layer", "separation", "INLP k there", title="Extraction")
     for r in extraction.separation:
-        table.add_row(r["method"], str(r["position"]), str(r["layer"]), r["score"], str(r.get("inlp_rank", "-")))
+        table.add_row(r["method"], str(r["position"]), str(r["layer"]), r["score"], str(r.get("inlp_k", "-")))
     console.print(table)
 
 

@@ -30,9 +30,9 @@ from typing import Iterator, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from .directions.base import DirectionSet, Eraser
+from .directions.base import DirectionSet, Eraser, erase
 from .hooks import Hook, HookFn, apply_hooks
-from .models import ModelAdapter
+from .models import ModelAdapter, untie_embeddings
 
 ReflectionMode = Literal["reference", "consistent"]
 _OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "down_proj", "dense", "c_proj", "fc2", "w2", "dense_4h_to_h")
@@ -49,9 +49,7 @@ def _edit_fn(eraser: Eraser, alpha: float, affine: bool) -> HookFn:
     def edit(x: Tensor) -> Tensor:
         # Block inputs may still sit on the previous layer's device when a model is sharded
         # (accelerate moves them inside forward, after pre-hooks run): compute on this layer's.
-        y = x.to(left.device, torch.float32)
-        delta = y if bias is None else y - bias
-        return (y - alpha * (delta @ right) @ left.T).to(x.dtype)
+        return erase(x.to(left.device, torch.float32), left, right, bias, alpha).to(x.dtype)
 
     return edit
 
@@ -85,8 +83,9 @@ class Removal:
     writes: bool = True
 
     @property
-    def rank(self) -> int:
-        return self.eraser.rank
+    def k(self) -> int:
+        """The number of directions removed (the eraser's columns)."""
+        return self.eraser.k
 
     def centre(self, layer: int) -> Tensor | None:
         """The affine centre of ``layer``'s block input (None: linear)."""
@@ -129,7 +128,7 @@ class ActAdd:
     vector: Tensor
     layer: int
     name: str = "actadd"
-    rank = 0
+    k = 0  # removes nothing
 
     def hooks(self, adapter: ModelAdapter) -> list[Hook]:
         vector = self.vector.float().to(adapter.layer_device(self.layer))
@@ -145,8 +144,9 @@ class Composite:
     name: str = "composite"
 
     @property
-    def rank(self) -> int:
-        return max(p.rank for p in self.parts)
+    def k(self) -> int:
+        """The most directions any part removes (what the persistent slots must hold)."""
+        return max(p.k for p in self.parts)
 
     def hooks(self, adapter: ModelAdapter) -> list[Hook]:
         return [h for part in self.parts for h in part.hooks(adapter)]
@@ -167,19 +167,20 @@ def intervene(adapter: ModelAdapter, *interventions: Intervention | None) -> Ite
 class _LayerSlot(nn.Module):
     """The tensors one layer's persistent hooks read (float32, on the layer's device)."""
 
-    def __init__(self, d_model: int, max_rank: int, device: torch.device):
+    def __init__(self, d_model: int, max_k: int, device: torch.device):
         super().__init__()
-        for name, shape in (("left", (d_model, max_rank)), ("right", (d_model, max_rank)), ("bias", (d_model,)),
+        for name, shape in (("left", (d_model, max_k)), ("right", (d_model, max_k)), ("bias", (d_model,)),
                             ("add", (d_model,)), ("alpha_input", ()), ("alpha_writes", ())):
             self.register_buffer(name, torch.zeros(shape, dtype=torch.float32, device=device), persistent=False)
 
     def input_fn(self, x: Tensor) -> Tensor:
+        """Block input [..., D]: the affine edit around ``bias`` scaled by ``alpha_input``, plus ``add``."""
         y = x.to(self.left.device, torch.float32)
-        return (y - self.alpha_input * ((y - self.bias) @ self.right) @ self.left.T + self.add).to(x.dtype)
+        return (erase(y, self.left, self.right, self.bias, self.alpha_input) + self.add).to(x.dtype)
 
     def write_fn(self, x: Tensor) -> Tensor:
-        y = x.float()
-        return (y - self.alpha_writes * (y @ self.right) @ self.left.T).to(x.dtype)
+        """A write [..., D]: the linear edit scaled by ``alpha_writes``."""
+        return erase(x.float(), self.left, self.right, None, self.alpha_writes).to(x.dtype)
 
 
 class InterventionSlots:
@@ -192,10 +193,10 @@ class InterventionSlots:
     block input ``x - a_in[l] ((x - b) W) Uᵀ + v[l]``; writes ``w - a_w[l] (w W) Uᵀ``.
     """
 
-    def __init__(self, adapter: ModelAdapter, max_rank: int = 1):
+    def __init__(self, adapter: ModelAdapter, max_k: int = 1):
         self.adapter = adapter
-        self.max_rank = max_rank
-        self.slots = [_LayerSlot(adapter.d_model, max_rank, adapter.layer_device(l)) for l in range(adapter.n_layers)]
+        self.max_k = max_k
+        self.slots = [_LayerSlot(adapter.d_model, max_k, adapter.layer_device(l)) for l in range(adapter.n_layers)]
 
     def hooks(self) -> list[Hook]:
         out = []
@@ -221,14 +222,14 @@ class InterventionSlots:
                 self._load_removal(part)
 
     def _load_removal(self, removal: Removal) -> None:
-        eraser, rank = removal.eraser, removal.rank
-        if rank > self.max_rank:
-            raise ValueError(f"Intervention rank {rank} exceeds the slots' max_rank {self.max_rank}.")
+        eraser, k = removal.eraser, removal.k
+        if k > self.max_k:
+            raise ValueError(f"The intervention removes {k} directions; the slots hold at most max_k = {self.max_k}.")
         block_inputs = set(removal.block_input_layers())
         for layer in sorted(set(removal.layers)):
             slot = self.slots[layer]
-            slot.left[:, :rank] = eraser.left
-            slot.right[:, :rank] = eraser.right
+            slot.left[:, :k] = eraser.left
+            slot.right[:, :k] = eraser.right
             if (centre := removal.centre(layer)) is not None:
                 slot.bias.copy_(centre)
             if removal.writes:
@@ -365,7 +366,38 @@ def _verify_bakeable(adapter: ModelAdapter) -> str | None:
     errors: list[str] = []
     worst: dict[str, float] = {}
     seen: dict[str, Tensor] = {}
-    busy: set[int] = set()
+    handles = []
+    try:
+        _add_write_checks(adapter, basis, worst, handles)
+        handles += _stream_recorders(adapter, seen)
+        text = adapter.format_prompt("Hello! Can you tell me about the weather today?")
+        ids = adapter.tokenizer(text, add_special_tokens=False)["input_ids"][:16] or [0]
+        n_vocab = adapter.model.get_input_embeddings().weight.shape[0]
+        adapter.model(input_ids=torch.tensor([[i % n_vocab for i in ids]], device=adapter.input_device), use_cache=False)
+    except BakingError as exc:
+        errors.append(str(exc))
+    finally:
+        for handle in handles:
+            handle.remove()
+    errors += [f"{label}: baked output differs from the hooked edit by {error:.2g} (relative; tolerance {tolerance:g})"
+               for label, error in worst.items() if not error <= tolerance]
+    scale = 1.0
+    if not errors and "embedding" in seen and "input" in seen:
+        scale = _embedding_scale(seen["embedding"], seen["input"], tolerance, errors)
+    message = "; ".join(errors)
+    if message:
+        message = f"{type(adapter.model).__name__}: baking would not equal the hooks: {message}. Use hooks."
+    adapter._bake_verification = (message, scale)  # type: ignore[attr-defined]
+    return message or None
+
+
+def _add_write_checks(adapter: ModelAdapter, basis: Tensor, worst: dict[str, float], handles: list) -> None:
+    """Forward hooks (their handles appended to ``handles`` as they are registered, so a caller can
+    remove them even after a failure) on every write point that re-run the module with its
+    projections baked to remove span(``basis`` [D, K]) and record, per write label in ``worst``,
+    the largest per-token error against the hooked edit, relative to the output's norm.
+    Raises ``BakingError`` for a write whose projections cannot be found."""
+    busy: set[int] = set()  # modules being re-run (their hook must not recurse)
 
     def check_write(write: nn.Module, label: str, projections: list[_Projection]):
         names = {id(p): n for n, p in write.named_parameters()}
@@ -390,41 +422,34 @@ def _verify_bakeable(adapter: ModelAdapter) -> str | None:
 
         return hook
 
-    handles = []
-    try:
-        for index, points in enumerate(adapter.hook_points):
-            for name, write in zip(points.names or [str(i) for i in range(len(points.writes))], points.writes):
-                label = f"layer {index} {name} ({type(write).__name__})"
-                handles.append(write.register_forward_hook(check_write(write, label, _write_projections(write, d_model)),
-                                                           with_kwargs=True))
-        embedding = adapter.model.get_input_embeddings()
-        handles.append(embedding.register_forward_hook(lambda m, a, out: seen.__setitem__("embedding", out.detach().float())))
-        handles.append(adapter.layers[0].register_forward_pre_hook(
+    for index, points in enumerate(adapter.hook_points):
+        for name, write in zip(points.names or [str(i) for i in range(len(points.writes))], points.writes):
+            label = f"layer {index} {name} ({type(write).__name__})"
+            hook = check_write(write, label, _write_projections(write, adapter.d_model))
+            handles.append(write.register_forward_hook(hook, with_kwargs=True))
+
+
+def _stream_recorders(adapter: ModelAdapter, seen: dict[str, Tensor]) -> list:
+    """Hooks (handles returned) recording the embedding output (``seen["embedding"]``) and the
+    stream entering layer 0 (``seen["input"]``), float32."""
+    embedding = adapter.model.get_input_embeddings()
+    return [
+        embedding.register_forward_hook(lambda m, a, out: seen.__setitem__("embedding", out.detach().float())),
+        adapter.layers[0].register_forward_pre_hook(
             lambda m, args, kwargs: seen.__setitem__("input", (args[0] if args else kwargs["hidden_states"]).detach().float()),
-            with_kwargs=True))
-        text = adapter.format_prompt("Hello! Can you tell me about the weather today?")
-        ids = adapter.tokenizer(text, add_special_tokens=False)["input_ids"][:16] or [0]
-        n_vocab = embedding.weight.shape[0]
-        adapter.model(input_ids=torch.tensor([[i % n_vocab for i in ids]], device=adapter.input_device), use_cache=False)
-    except BakingError as exc:
-        errors.append(str(exc))
-    finally:
-        for handle in handles:
-            handle.remove()
-    errors += [f"{label}: baked output differs from the hooked edit by {error:.2g} (relative; tolerance {tolerance:g})"
-               for label, error in worst.items() if not error <= tolerance]
-    scale = 1.0
-    if not errors and "embedding" in seen and "input" in seen:
-        emb, x = seen["embedding"].reshape(-1), seen["input"].to(seen["embedding"].device).reshape(-1)
-        scale = float((emb @ x) / (emb @ emb).clamp_min(1e-30)) if emb.numel() == x.numel() else float("nan")
-        if not (emb.numel() == x.numel() and (x - scale * emb).norm() <= tolerance * x.norm()):
-            errors.append("the stream entering the first layer is not the embedding output (position embeddings or "
-                          "another transform are added), so editing the embedding rows cannot edit it")
-    message = "; ".join(errors)
-    if message:
-        message = f"{type(adapter.model).__name__}: baking would not equal the hooks: {message}. Use hooks."
-    adapter._bake_verification = (message, scale)  # type: ignore[attr-defined]
-    return message or None
+            with_kwargs=True),
+    ]
+
+
+def _embedding_scale(embedding: Tensor, stream: Tensor, tolerance: float, errors: list[str]) -> float:
+    """The constant c with stream = c * embedding (least squares; NaN if their sizes differ), and an
+    entry in ``errors`` when the stream entering layer 0 is not that multiple within ``tolerance``."""
+    emb, x = embedding.reshape(-1), stream.to(embedding.device).reshape(-1)
+    scale = float((emb @ x) / (emb @ emb).clamp_min(1e-30)) if emb.numel() == x.numel() else float("nan")
+    if not (emb.numel() == x.numel() and (x - scale * emb).norm() <= tolerance * x.norm()):
+        errors.append("the stream entering the first layer is not the embedding output (position embeddings or "
+                      "another transform are added), so editing the embedding rows cannot edit it")
+    return scale
 
 
 def check_bakeable(adapter: ModelAdapter, removal: Removal) -> None:
@@ -466,15 +491,6 @@ def check_bakeable(adapter: ModelAdapter, removal: Removal) -> None:
 
 
 @torch.no_grad()
-def _untie_embeddings(adapter: ModelAdapter) -> None:
-    embedding, head = adapter.model.get_input_embeddings(), adapter.lm_head
-    if head is not None and head.weight is embedding.weight:
-        head.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
-        for config in (adapter.model.config, adapter.model.config.get_text_config()):
-            config.tie_word_embeddings = False
-
-
-@torch.no_grad()
 def bake(adapter: ModelAdapter, removal: Removal) -> dict[str, Tensor]:
     """Fold ``removal`` (all layers) into the weights in place; returns the original tensors.
 
@@ -484,7 +500,7 @@ def bake(adapter: ModelAdapter, removal: Removal) -> dict[str, Tensor]:
     untied first.
     """
     check_bakeable(adapter, removal)
-    _untie_embeddings(adapter)
+    untie_embeddings(adapter.model)
     originals: dict[str, Tensor] = {}
     names = {id(p): n for n, p in adapter.model.named_parameters()}
 

@@ -40,8 +40,9 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor, nn
 
+from .directions.base import erase
 from .interventions import BakingError, Removal, _write_projections, check_bakeable
-from .models import ModelAdapter
+from .models import ModelAdapter, tied_embeddings, untie_embeddings  # untie_embeddings: user API (model cards)
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -96,8 +97,8 @@ def _check_exportable(adapter: ModelAdapter, removal: Removal) -> None:
     if not removal.writes:
         raise LoraExportError("A removal that edits the block inputs only (writes=False) edits every block input; "
                               "it cannot be folded into weights. Use hooks.")
-    if removal.rank == 0:
-        raise LoraExportError("The removal has rank 0 (nothing to remove); there is no adapter to export.")
+    if removal.k == 0:
+        raise LoraExportError("The removal has k = 0 (it removes no direction); there is no adapter to export.")
     if removal.affine and removal.eraser.bias is not None:
         raise LoraExportError("An affine eraser (LEACE with its centre) adds a constant to every embedding row; "
                               "export its non-affine (linear) variant instead (removal_for(..., affine=False)).")
@@ -170,23 +171,23 @@ def lora_edits(adapter: ModelAdapter, removal: Removal) -> list[WeightEdit]:
                     continue
                 b = bias.float()
                 if bias.dim() == 1:
-                    edits.append(_edit_of(model, names, bias, None, None, value=b - alpha * (b @ W) @ U.T))
+                    edits.append(_edit_of(model, names, bias, None, None, value=erase(b, U, W, None, alpha)))
                 else:  # [E, D]: a rank-k update of a 2-D parameter
                     edits.append(_edit_of(model, names, bias, -alpha * (b @ W), U.T.contiguous()))
     return edits
 
 
 # ---------------------------------------------------------------------- peft
-def lora_config_for(edits: list[WeightEdit], rank: int, base_model: str | None = None) -> LoraConfig:
-    """The ``peft.LoraConfig`` targeting exactly the edited parameters: ``r = lora_alpha = rank``
-    (scaling 1), no dropout, ``bias="lora_only"`` when dense biases are stored."""
+def lora_config_for(edits: list[WeightEdit], r: int, base_model: str | None = None) -> LoraConfig:
+    """The ``peft.LoraConfig`` targeting exactly the edited parameters: rank and ``lora_alpha`` both ``r``
+    (the removal's k; scaling 1), no dropout, ``bias="lora_only"`` when dense biases are stored."""
     from peft import LoraConfig
 
     modules = sorted({e.module for e in edits if e.kind in ("linear", "embedding")})
     parameters = sorted({e.name for e in edits if e.kind == "parameter"})
     return LoraConfig(
-        r=rank,
-        lora_alpha=rank,
+        r=r,
+        lora_alpha=r,
         lora_dropout=0.0,
         target_modules=modules,
         target_parameters=parameters or None,
@@ -308,7 +309,7 @@ def lora_adapter_for(adapter: ModelAdapter, removal: Removal, *, dtype: torch.dt
                      base_model: str | None = None) -> tuple[LoraConfig, dict[str, Tensor]]:
     """The PEFT LoRA adapter of ``removal`` (all layers): its ``LoraConfig`` and state dict.
 
-    ``r = lora_alpha = k`` (the removal's rank; scaling 1). Targets: the input embedding, every write
+    ``r = lora_alpha = k`` (the removal's k: its LoRA rank; scaling 1). Targets: the input embedding, every write
     projection (dense ``nn.Linear`` via ``target_modules``; fused expert weights and 2-D expert biases
     via ``target_parameters``); edited dense biases stored whole (``bias="lora_only"``). The state dict
     has peft's saved key names (``base_model.model.<module>.lora_A.weight`` ...), on the CPU, in
@@ -320,26 +321,9 @@ def lora_adapter_for(adapter: ModelAdapter, removal: Removal, *, dtype: torch.dt
     Raises ``LoraExportError`` where the adapter would not equal the hooks.
     """
     edits = lora_edits(adapter, removal)
-    config = lora_config_for(edits, removal.rank, base_model if base_model is not None else adapter.name)
+    config = lora_config_for(edits, removal.k, base_model if base_model is not None else adapter.name)
     state = _peft_state_dict(adapter.model, edits, config)
     return config, {k: v.to(dtype) for k, v in state.items()}
-
-
-def tied_embeddings(model: nn.Module) -> bool:
-    """Whether the output head shares the input embedding matrix."""
-    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    return head is not None and getattr(head, "weight", None) is embedding.weight
-
-
-@torch.no_grad()
-def untie_embeddings(model: nn.Module) -> None:
-    """Give the output head its own copy of a tied embedding matrix (before merging an adapter that
-    edits the embedding: otherwise the merge changes the head too)."""
-    head = model.get_output_embeddings()
-    if tied_embeddings(model):
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-            config.tie_word_embeddings = False
 
 
 def lora_summary(config: LoraConfig, state: dict[str, Tensor], model: nn.Module, dtype: torch.dtype) -> dict:

@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -497,6 +497,16 @@ class ModelAdapter:
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
+    @torch.inference_mode()
+    def last_logits(self, enc: Mapping[str, Tensor]) -> Tensor:
+        """Float32 next-token logits ``[B, vocab]`` at the last position of each row of a batch.
+
+        ``enc``: the tokenizer's batch (``input_ids`` and ``attention_mask`` [B, T], left-padded as
+        ``encode`` makes them, so the last position is every row's last prompt token). One forward
+        of the whole model, with its hooks, computing the LM head at that position only.
+        """
+        return self.model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1].float()
+
     def logits_from_hidden(self, hidden: Tensor) -> Tensor:
         """Float32 logits from the last decoder layer's output ``[..., d_model]`` (before the final norm)."""
         return self.logits_from_final(self.final_norm(hidden.to(self.final_norm.weight.device)))
@@ -574,6 +584,23 @@ class ModelAdapter:
             "post_sublayer_norms": any(p.post_sublayer_norms for p in self.hook_points),
             "fingerprint": self.fingerprint,
         }
+
+
+def tied_embeddings(model: nn.Module) -> bool:
+    """Whether the output head shares the input embedding matrix."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and getattr(head, "weight", None) is embedding.weight
+
+
+@torch.no_grad()
+def untie_embeddings(model: nn.Module) -> None:
+    """Give the output head its own copy of a tied embedding matrix (before merging an adapter that
+    edits the embedding: otherwise the merge changes the head too)."""
+    head = model.get_output_embeddings()
+    if tied_embeddings(model):
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            config.tie_word_embeddings = False
 
 
 def _can_generate(model: nn.Module) -> bool:

@@ -214,13 +214,7 @@ def heatmap_figure(
     fig = Figure(figsize=(width, height))
     ax = fig.add_subplot()
     masked = np.ma.masked_invalid(grid)
-    finite = grid[np.isfinite(grid)]
-    if vmin is None:
-        vmin = float(finite.min()) if finite.size else 0.0
-    if vmax is None:
-        vmax = float(finite.max()) if finite.size else 1.0
-    if vmax <= vmin:
-        vmin, vmax = vmin - 0.5, vmax + 0.5
+    vmin, vmax = _colour_range(grid, vmin, vmax)
     colormap = matplotlib.colormaps[cmap].with_extremes(bad="#d9d9d9")
     image = ax.imshow(masked, aspect="auto", cmap=colormap, vmin=vmin, vmax=vmax, interpolation="nearest",
                       origin="upper")
@@ -232,15 +226,36 @@ def heatmap_figure(
     ax.set_title(title, fontsize=10)
     bar = fig.colorbar(image, ax=ax, pad=0.02)
     bar.set_label(colorbar_label, fontsize=8)
+    _mark_cells(ax, grid, dimmed, n_pos * n_layers <= 80 if annotate is None else annotate, best, value_format)
+    ax.set_xlim(-0.5, n_layers - 0.5)
+    ax.set_ylim(n_pos - 0.5, -0.5)
+    return fig
+
+
+def _colour_range(grid: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
+    """The colour scale's ends: given ones, else the finite values' extremes (0..1 when none);
+    widened by 0.5 each way when empty or inverted."""
+    finite = grid[np.isfinite(grid)]
+    if vmin is None:
+        vmin = float(finite.min()) if finite.size else 0.0
+    if vmax is None:
+        vmax = float(finite.max()) if finite.size else 1.0
+    if vmax <= vmin:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    return vmin, vmax
+
+
+def _mark_cells(ax, grid: np.ndarray, dimmed: np.ndarray | None, annotate: bool, best: tuple[int, int] | None,
+                value_format: str) -> None:
+    """On a heatmap's axes: hatch the ``dimmed`` [P, L] cells, write each cell's value
+    (``annotate``; NaN as "n/a"), and outline and star the ``best`` (pos index, layer) cell."""
     if dimmed is not None:
         for p, l in zip(*np.nonzero(np.asarray(dimmed, dtype=bool))):
             ax.add_patch(Rectangle((l - 0.5, p - 0.5), 1, 1, facecolor=(1, 1, 1, 0.45), edgecolor=(0.3, 0.3, 0.3, 0.7),
                                    hatch="///", linewidth=0))
-    if annotate is None:
-        annotate = n_pos * n_layers <= 80
     if annotate:
-        for p in range(n_pos):
-            for l in range(n_layers):
+        for p in range(grid.shape[0]):
+            for l in range(grid.shape[1]):
                 value = grid[p, l]
                 text = value_format.format(value) if math.isfinite(value) else "n/a"
                 ax.text(l, p, text, ha="center", va="center", fontsize=7, color="black",
@@ -249,9 +264,6 @@ def heatmap_figure(
         p, l = best
         ax.add_patch(Rectangle((l - 0.5, p - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
         ax.plot([l], [p - 0.32], marker="*", color="red", markersize=9, markeredgecolor="white", markeredgewidth=0.6)
-    ax.set_xlim(-0.5, n_layers - 0.5)
-    ax.set_ylim(n_pos - 0.5, -0.5)
-    return fig
 
 
 def selection_grid(selection: MethodSelection, metric: str, n_layers: int, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -803,7 +815,7 @@ def _selection_section(doc: _Doc, art: RunArtifacts) -> None:
         rows.append((METHOD_LABELS.get(method, method), str(best.position), str(best.layer), fmt_num(best.bypass),
                      fmt_num(best.steering), fmt_num(best.kl, 4),
                      fmt_num(best.accuracy) if best.accuracy is not None else "—",
-                     str(best.rank) if method == "inlp" else "—", _scope_layers_text(art, method),
+                     str(best.k) if method == "inlp" else "—", _scope_layers_text(art, method),
                      ", ".join(best.filtered_out) or "passed", str(len(sel.skipped)),
                      f"{n_val.get('harmful', '?')}/{n_val.get('harmless', '?')}" if n_val else "n/a",
                      fmt_num(sel.spearman) if sel.spearman is not None else "—"))
@@ -847,12 +859,12 @@ def _inlp_section(doc: _Doc, art: RunArtifacts) -> None:
                                    threshold if is_number(threshold) else None)
         doc.image("inlp_accuracy_curves", fig, "INLP dev accuracy vs classifier index (selected component and the next-ranked ones)")
     if "inlp_rank" in geo:
-        rank = np.asarray(geo["inlp_rank"], dtype=float)
+        k = np.asarray(geo["inlp_rank"], dtype=float)  # the geometry artifact calls INLP's k "inlp_rank"
         sel = art.selections.get("inlp")
-        fig = heatmap_figure(rank, positions or list(range(rank.shape[0])), "INLP rank (classifiers in P) per (position, layer)",
-                             "rank", cmap="Blues", vmin=0, best=(sel.best.pos_index, sel.best.layer) if sel else None,
+        fig = heatmap_figure(k, positions or list(range(k.shape[0])), "INLP k (classifiers in P) per (position, layer)",
+                             "k", cmap="Blues", vmin=0, best=(sel.best.pos_index, sel.best.layer) if sel else None,
                              value_format="{:.0f}")
-        doc.image("inlp_rank", fig, "INLP rank per (position, layer)")
+        doc.image("inlp_rank", fig, "INLP k per (position, layer)")
 
 
 GEOMETRY_PLOTS = (
@@ -1200,6 +1212,20 @@ def compare_runs(run_dirs: list[Path], out: Path) -> Path:
     with what is missing.
     """
     arts = [load_run(Path(d)) for d in run_dirs]
+    parts = _compare_header(arts) + _compare_table([a.summary or {} for a in arts])
+    notes = [f"R{i}: {note}" for i, a in enumerate(arts, 1) for note in a.notes]
+    notes += [f"R{i}: no evaluate/summary.json (stages missing: {', '.join(a.missing_stages)})."
+              for i, a in enumerate(arts, 1) if a.summary is None]
+    if notes:
+        parts.append("<h2>Notes</h2><ul class=\"warn\">" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    out = Path(out)
+    write_text(out, _html_page("Refusal directions: runs compared", "\n".join(parts)))
+    return out
+
+
+def _compare_header(arts: list[RunArtifacts]) -> list[str]:
+    """HTML parts opening the comparison page: the title, one row per run (model, key, preset,
+    status) and the runs' "Read this first" warnings."""
     parts = ["<h1>Refusal directions: runs compared</h1>", "<table class=\"meta\"><tr><th>run</th><th>model</th>"
              "<th>key</th><th>preset</th><th>status</th></tr>"]
     for i, art in enumerate(arts, 1):
@@ -1213,7 +1239,13 @@ def compare_runs(run_dirs: list[Path], out: Path) -> Path:
     if warnings:
         parts.append('<div class="read-first" id="read-first"><h2>⚠ Read this first</h2><ul>'
                      + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul></div>")
-    summaries = [a.summary or {} for a in arts]
+    return parts
+
+
+def _compare_table(summaries: list[dict]) -> list[str]:
+    """HTML parts of the comparison's metric table (rows: metric, then intervention; columns: the runs'
+    ``summaries``, R1, R2, ...) and its footnotes, or a note that no run has a summary yet."""
+    parts: list[str] = []
     metrics: list[str] = []
     names: list[str] = []
     labels: dict[str, str] = {}
@@ -1229,7 +1261,7 @@ def compare_runs(run_dirs: list[Path], out: Path) -> Path:
                      "(* p<0.05, ** p<0.01, *** p<0.001; p-values Holm-adjusted within each run whose summary records "
                      "p_adjustment); — where a run lacks the intervention or metric; "
                      "⚠ where the run flags the benchmark as not above chance.</p>")
-        head = "<tr><th>metric</th><th>intervention</th>" + "".join(f"<th>R{i}</th>" for i in range(1, len(arts) + 1)) + "</tr>"
+        head = "<tr><th>metric</th><th>intervention</th>" + "".join(f"<th>R{i}</th>" for i in range(1, len(summaries) + 1)) + "</tr>"
         rows = []
         for m in metrics:
             present = [n for n in names if any(_cell(s, n, m) is not None for s in summaries)]
@@ -1249,14 +1281,7 @@ def compare_runs(run_dirs: list[Path], out: Path) -> Path:
             parts.append('<ol class="small">' + "".join(f'<li value="{k}">not run: {html.escape(r)}</li>' for r, k in footnotes.items()) + "</ol>")
     else:
         parts.append('<p class="missing">None of these runs has an evaluate/summary.json yet.</p>')
-    notes = [f"R{i}: {note}" for i, a in enumerate(arts, 1) for note in a.notes]
-    notes += [f"R{i}: no evaluate/summary.json (stages missing: {', '.join(a.missing_stages)})."
-              for i, a in enumerate(arts, 1) if a.summary is None]
-    if notes:
-        parts.append("<h2>Notes</h2><ul class=\"warn\">" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
-    out = Path(out)
-    write_text(out, _html_page("Refusal directions: runs compared", "\n".join(parts)))
-    return out
+    return parts
 
 
 __all__ = ["compare_runs", "load_run", "plot_selection", "write_report", "significance_mark", "format_cell"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
 
 import numpy as np
@@ -91,14 +91,21 @@ class Candidate:
     steering_by_multiplier: dict[str, float] = field(default_factory=dict)
     global_bypass: float | None = None
     accuracy: float | None = None  # INLP first-classifier dev accuracy
-    rank: int = 1
+    k: int = 1  # directions the component's eraser removes (INLP's k; 1 for the others)
     filtered_out: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        """The JSON of ``select/<method>.json``; ``k`` is saved as ``"rank"`` (the artifact format)."""
+        out = dict(self.__dict__)
+        out["rank"] = out.pop("k")
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "Candidate":
+        """Reads ``to_dict``'s JSON (``"rank"``) and dicts that say ``"k"``."""
+        d = dict(d)
+        if "rank" in d:
+            d["k"] = d.pop("rank")
         return cls(**d)
 
 
@@ -153,8 +160,7 @@ def _recorded_layers(adapter: ModelAdapter, forward: Callable[[], Tensor]) -> tu
 
 @torch.inference_mode()
 def _baseline_pass(adapter: ModelAdapter, enc: dict[str, Tensor]) -> _BatchCache:
-    inputs, kwargs, logits = _recorded_layers(
-        adapter, lambda: adapter.model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1].float())
+    inputs, kwargs, logits = _recorded_layers(adapter, lambda: adapter.last_logits(enc))
     return _BatchCache(inputs, kwargs, logits)
 
 
@@ -200,11 +206,6 @@ def _logits_from_layer(adapter: ModelAdapter, cache: _BatchCache, layer: int) ->
         kwargs = [swap(kw) if kw else kw for kw in kwargs]
     hidden = _run_layers(adapter, cache.layer_inputs[layer], kwargs, layer)
     return adapter.logits_from_hidden(hidden[:, -1]).float()
-
-
-@torch.inference_mode()
-def _full_logits(adapter: ModelAdapter, enc: dict[str, Tensor]) -> Tensor:
-    return adapter.model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1].float()
 
 
 class _PrefixSharing:
@@ -261,7 +262,7 @@ def refusal_scores(adapter: ModelAdapter, instructions: Sequence[str], batch_siz
     with intervene(adapter, intervention):
         for start in range(0, len(instructions), batch_size):
             enc = adapter.encode_instructions(instructions[start : start + batch_size])
-            out.append(refusal_score(_full_logits(adapter, enc), adapter.refusal_token_ids).cpu())
+            out.append(refusal_score(adapter.last_logits(enc), adapter.refusal_token_ids).cpu())
     return torch.cat(out)
 
 
@@ -272,7 +273,7 @@ def candidate_issue(directions: DirectionSet, p: int, l: int, k: int | None) -> 
     non-finite direction or eraser (e.g. layer 0 at a chat-template token, where every prompt has
     the same activation and r = 0) would make its removal the identity or NaN.
     """
-    if k == 0 or int(directions.rank[p, l]) == 0:
+    if k == 0 or int(directions.k[p, l]) == 0:
         return "k=0" if k == 0 else "rank 0 (no classifier kept)"
     direction = directions.direction[p, l]
     if not bool(torch.isfinite(direction).all()) or not bool(torch.isfinite(directions.scale[p, l])):
@@ -322,9 +323,9 @@ def score_candidates(
                 enc = adapter.encode_instructions(batch)
                 cache = sharing.baseline(adapter, batch, enc) if local else _baseline_pass(adapter, enc)
                 for (p, l), cand in cands.items():
-                    removal = removal_for(directions, p, l, [l] if local else range(L), cand.rank, writes=writes)
+                    removal = removal_for(directions, p, l, [l] if local else range(L), cand.k, writes=writes)
                     with intervene(adapter, removal):
-                        logits = _logits_from_layer(adapter, cache, l) if local else _full_logits(adapter, enc)
+                        logits = _logits_from_layer(adapter, cache, l) if local else adapter.last_logits(enc)
                     if harmful:
                         add((p, l), "bypass", refusal_score(logits, adapter.refusal_token_ids))
                     else:
@@ -357,10 +358,10 @@ def usable_candidates(directions: DirectionSet, k_of: dict[tuple[int, int], int]
     cands = {}
     for p in range(directions.n_positions):
         for l in range(directions.n_layers):
-            k = int(k_of.get((p, l), directions.rank[p, l]))
+            k = int(k_of.get((p, l), directions.k[p, l]))
             issue = candidate_issue(directions, p, l, k)
             if issue is None:
-                cands[(p, l)] = Candidate(p, directions.positions[p], l, rank=k)
+                cands[(p, l)] = Candidate(p, directions.positions[p], l, k=k)
             elif skipped is not None:
                 skipped.append({"pos_index": p, "position": directions.positions[p], "layer": l, "reason": issue})
     if not cands:
@@ -373,7 +374,7 @@ def global_bypass_scores(adapter: ModelAdapter, directions: DirectionSet, candid
                          harmful_val: Sequence[str], batch_size: int, writes: bool = True) -> None:
     """Fill ``global_bypass`` (removal at all layers) for ``--compare-rankings``."""
     for cand in tqdm(candidates, desc=f"global {directions.method}", leave=False):
-        removal = removal_for(directions, cand.pos_index, cand.layer, range(adapter.n_layers), cand.rank, writes=writes)
+        removal = removal_for(directions, cand.pos_index, cand.layer, range(adapter.n_layers), cand.k, writes=writes)
         cand.global_bypass = float(refusal_scores(adapter, harmful_val, batch_size, removal).mean())
 
 
@@ -538,23 +539,3 @@ def steering_table(selection: MethodSelection) -> dict[tuple[int, int], tuple[fl
     """(pos index, layer) -> (steering score, per multiplier), for reuse by LEACE."""
     return {(c.pos_index, c.layer): (c.steering, c.steering_by_multiplier) for c in selection.ranked}
 
-
-def select_components(
-    adapter: ModelAdapter,
-    direction_sets: dict[str, DirectionSet],
-    harmful_val: Sequence[str],
-    harmless_val: Sequence[str],
-    settings: SelectionSettings,
-) -> dict[str, MethodSelection]:
-    """``select_method`` for every method, diff-in-means first (it fixes ||r_best|| for the others)."""
-    results: dict[str, MethodSelection] = {}
-    best_norm, dim_steering = None, None
-    for method in sorted(direction_sets, key=lambda m: m != "diff_in_means"):
-        directions = direction_sets[method]
-        method_settings = replace(settings, inlp_k=settings.inlp_k if method == "inlp" else None)
-        result = select_method(adapter, directions, harmful_val, harmless_val, method_settings, best_norm, dim_steering)
-        if method == "diff_in_means":
-            best_norm = float(directions.scale[result.best.pos_index, result.best.layer])
-            dim_steering = steering_table(result)
-        results[method] = result
-    return results

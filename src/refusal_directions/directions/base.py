@@ -3,7 +3,8 @@
 Each method produces, for every (position, layer) candidate component, the same things:
 
 * a unit *steering direction* (harmful side positive), used by ActAdd;
-* a low-rank affine *eraser* ``x -> x - U Wᵀ (x - b)`` used by the removal interventions:
+* a low-rank affine *eraser* ``x -> x - U Wᵀ (x - b)`` used by the removal interventions
+  (``erase`` is its arithmetic, shared by hooks, persistent slots, baking and LoRA export):
   - diff-in-means ablation: U = W = r̂ (rank 1), no bias;
   - INLP nullspace projection P = I - V Vᵀ: U = W = V (orthonormal, rank k), no bias;
   - LEACE: U = proj_left, W = proj_rightᵀ, b = the mean (affine variant).
@@ -23,6 +24,17 @@ from torch import Tensor
 METHODS = ("diff_in_means", "inlp", "leace")
 
 
+def erase(x: Tensor, left: Tensor, right: Tensor, bias: Tensor | None = None, alpha: float | Tensor = 1.0) -> Tensor:
+    """The eraser arithmetic, the one implementation every hook, slot, bake and LoRA edit uses.
+
+    ``x - alpha * ((x - bias) @ right) @ left.T`` for ``x`` [..., D], ``left`` / ``right`` [D, K],
+    ``bias`` [D] or None (linear), ``alpha`` a float or a 0-d tensor (the persistent slots'). Runs
+    in the dtype of its inputs (callers pass float32) and returns the same shape as ``x``.
+    """
+    delta = x if bias is None else x - bias
+    return x - alpha * (delta @ right) @ left.T
+
+
 @dataclass
 class Eraser:
     """``x -> x - alpha * U Wᵀ (x - b)`` for one component; ``U``, ``W``: [D, K], ``b``: [D] or None.
@@ -37,23 +49,13 @@ class Eraser:
     bias: Tensor | None = None
 
     @property
-    def rank(self) -> int:
+    def k(self) -> int:
+        """The number of directions erased: the columns of ``left`` (0 for an identity eraser)."""
         return self.left.shape[1]
-
-    def __call__(self, x: Tensor, alpha: float = 1.0, affine: bool = True) -> Tensor:
-        """Apply in float32 to ``x`` of shape [..., D]; returns float32."""
-        x = x.float()
-        delta = x - self.bias if (affine and self.bias is not None) else x
-        return x - alpha * (delta @ self.right) @ self.left.T
 
     def to(self, device: torch.device | str) -> "Eraser":
         bias = None if self.bias is None else self.bias.to(device)
         return Eraser(self.left.to(device), self.right.to(device), bias)
-
-    def linear_matrix(self, alpha: float = 1.0) -> Tensor:
-        """The dense [D, D] matrix I - alpha U Wᵀ (for weight baking; never used in hooks)."""
-        eye = torch.eye(self.left.shape[0], dtype=self.left.dtype, device=self.left.device)
-        return eye - alpha * self.left @ self.right.T
 
 
 @dataclass
@@ -68,10 +70,12 @@ class DirectionSet:
             activations project higher than harmless ones.
         scale: [P, L] float32 norm of the diff-in-means vector at (p, l): ActAdd's natural
             coefficient scale.
-        left: [P, L, D, K] float32 eraser column basis U (columns beyond ``rank`` are zero).
+        left: [P, L, D, K] float32 eraser column basis U (columns beyond ``k`` are zero).
         right: [P, L, D, K] read-out W, or None when W = U (orthogonal projections).
         bias: [P, L, D] affine centre b, or None.
-        rank: [P, L] int64 number of columns of U in use.
+        k: [P, L] int64 number of columns of U in use: the directions each eraser removes (INLP:
+            the classifiers kept; diff-in-means: 1; LEACE: its eraser's). Saved under the tensor
+            name "rank", the artifact format of every recorded run.
         extras: method-specific tensors (e.g. INLP "accuracies" [P, L, max_iter], NaN-padded).
     """
 
@@ -80,7 +84,7 @@ class DirectionSet:
     direction: Tensor
     scale: Tensor
     left: Tensor
-    rank: Tensor
+    k: Tensor
     right: Tensor | None = None
     bias: Tensor | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
@@ -95,7 +99,7 @@ class DirectionSet:
 
     def eraser(self, pos: int, layer: int, k: int | None = None, affine: bool = True) -> Eraser:
         """The eraser of component (pos index, layer), restricted to its first ``k`` columns."""
-        k = int(self.rank[pos, layer]) if k is None else min(k, int(self.rank[pos, layer]))
+        k = int(self.k[pos, layer]) if k is None else min(k, int(self.k[pos, layer]))
         left = self.left[pos, layer, :, :k]
         right = left if self.right is None else self.right[pos, layer, :, :k]
         bias = self.bias[pos, layer] if (affine and self.bias is not None) else None
@@ -103,7 +107,7 @@ class DirectionSet:
 
     # ------------------------------------------------------------------ persistence
     def tensors(self) -> dict[str, Tensor]:
-        out = {"direction": self.direction, "scale": self.scale, "left": self.left, "rank": self.rank}
+        out = {"direction": self.direction, "scale": self.scale, "left": self.left, "rank": self.k}
         if self.right is not None:
             out["right"] = self.right
         if self.bias is not None:
@@ -123,7 +127,7 @@ class DirectionSet:
             direction=tensors["direction"],
             scale=tensors["scale"],
             left=tensors["left"],
-            rank=tensors["rank"],
+            k=tensors["rank"],
             right=tensors.get("right"),
             bias=tensors.get("bias"),
             extras=extras,

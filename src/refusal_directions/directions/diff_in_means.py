@@ -27,5 +27,5 @@ def fit_diff_in_means(harmful: Tensor, harmless: Tensor, positions: Sequence[int
         direction=unit,
         scale=norm,
         left=unit.unsqueeze(-1).clone(),
-        rank=torch.ones(P, L, dtype=torch.int64),
+        k=torch.ones(P, L, dtype=torch.int64),
     )

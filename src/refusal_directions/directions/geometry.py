@@ -29,7 +29,8 @@ def geometry(dim: DirectionSet, inlp: DirectionSet | None = None, leace: Directi
 
     * ``cos_dim_inlp``: cosine between r̂ and INLP's first (oriented) direction;
     * ``angle_dim_inlp_subspace``: principal angle (degrees) between span(r̂) and the INLP subspace;
-    * ``inlp_rank`` and ``inlp_accuracies`` (the dev-accuracy curve, NaN-padded);
+    * ``inlp_rank`` (INLP's k per component: the artifact keeps this name) and ``inlp_accuracies``
+      (the dev-accuracy curve, NaN-padded);
     * ``cos_dim_leace_readout``: cosine between r̂ and LEACE's read-out (Fisher) direction W;
     * ``dim_norm``: ‖r‖.
     """
@@ -37,8 +38,8 @@ def geometry(dim: DirectionSet, inlp: DirectionSet | None = None, leace: Directi
     out: dict = {"positions": dim.positions, "dim_norm": dim.scale.tolist()}
     if inlp is not None:
         out["cos_dim_inlp"] = (r_unit * _unit(inlp.direction.float())).sum(-1).tolist()
-        out["angle_dim_inlp_subspace"] = principal_angles_deg(r_unit, inlp.left.float(), inlp.rank).tolist()
-        out["inlp_rank"] = inlp.rank.tolist()
+        out["angle_dim_inlp_subspace"] = principal_angles_deg(r_unit, inlp.left.float(), inlp.k).tolist()
+        out["inlp_rank"] = inlp.k.tolist()
         if "accuracies" in inlp.extras:
             out["inlp_accuracies"] = inlp.extras["accuracies"].tolist()
     if leace is not None and leace.right is not None and leace.right.shape[-1] > 0:  # rank 0 everywhere: no read-out

@@ -343,38 +343,59 @@ def fit_inlp(
         ``left`` [P, L, D, K_max] float32: V, the orthonormal basis of the removed span in the
         order the classifiers were found (each column oriented harmful-positive on the train
         data), zero-padded to the largest rank K_max of the grid; ``right`` = ``bias`` = None
-        (the eraser is P = I − VVᵀ); ``rank`` [P, L] int64; ``direction`` [P, L, D] the first
+        (the eraser is P = I − VVᵀ); ``k`` [P, L] int64 (the rank of VVᵀ); ``direction`` [P, L, D] the first
         classifier's unit direction, oriented so that harmful train points score higher (zero if
         that classifier was degenerate); ``scale`` [P, L] the norm of mean(harmful) −
         mean(harmless) over all prompts (unbalanced); ``extras["accuracies"]`` [P, L, max_iter]
         float32 dev accuracies of the successive classifiers, NaN after the last.
     """
     config = config or INLPConfig()
+    P, _, _ = _grid_shape(harmful, harmless)
+    positions = list(positions) if positions is not None else list(range(-P, 0))
+    if len(positions) != P:
+        raise ValueError(f"{len(positions)} positions given for activations with P = {P}.")
+    device = torch.device(device) if device is not None else harmful.device
+    split = balanced_split(harmful.shape[0], harmless.shape[0], config)
+    q0, feats, dev_feats = _reduce(harmful, harmless, split, device)
+    y = split.labels[split.train].to(device)
+    y_dev = split.labels[split.dev].to(device) > 0.5
+    lam = 1.0 / (2.0 * config.C * split.n_train)
+    basis, k, acc, first, n_unconverged = _iterate(feats, dev_feats, y, y_dev, lam, config, progress)
+    if n_unconverged:
+        warnings.warn(
+            f"INLP: {n_unconverged} logistic-regression fits did not converge within {config.max_newton} Newton steps."
+        )
+    return _direction_set(q0, basis, k, acc, first, harmful, harmless, positions)
+
+
+def _grid_shape(harmful: Tensor, harmless: Tensor) -> tuple[int, int, int]:
+    """``(P, L, D)`` of harmful [N1, P, L, D] and harmless [N0, P, L, D]; ``ValueError`` if they differ."""
     if harmful.dim() != 4 or harmless.dim() != 4 or harmful.shape[1:] != harmless.shape[1:]:
         raise ValueError(
             f"Expected harmful [N1, P, L, D] and harmless [N0, P, L, D] with equal P, L, D; got "
             f"{tuple(harmful.shape)} and {tuple(harmless.shape)}."
         )
-    device = torch.device(device) if device is not None else harmful.device
     _, P, L, D = harmful.shape
-    B = P * L
-    positions = list(positions) if positions is not None else list(range(-P, 0))
-    if len(positions) != P:
-        raise ValueError(f"{len(positions)} positions given for activations with P = {P}.")
+    return P, L, D
 
-    split = balanced_split(harmful.shape[0], harmless.shape[0], config)
-    q0, feats, dev_feats = _reduce(harmful, harmless, split, device)
-    r = feats.shape[-1]
-    n = split.n_train
-    y = split.labels[split.train].to(device)
-    y_dev = split.labels[split.dev].to(device) > 0.5
+
+def _iterate(
+    feats: Tensor, dev_feats: Tensor, y: Tensor, y_dev: Tensor, lam: float, config: INLPConfig, progress: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """The INLP iterations of every problem at once, in the reduced coordinates (the kernel).
+
+    ``feats`` [B, n, r] / ``dev_feats`` [B, n_dev, r] float64 train and dev points, ``y`` [n] labels,
+    ``y_dev`` [n_dev] bool. Returns ``(basis [B, r, max_iter] float64 V' (columns beyond each k
+    zero), k [B] int64, accuracies [B, max_iter] float32 (NaN after the last classifier), first
+    [B, r] float64 the first classifier's unit direction (zero if degenerate), n_unconverged)``.
+    """
+    B, _, r = feats.shape
+    device = feats.device
     pos = y > 0.5
-    lam = 1.0 / (2.0 * config.C * n)
     f0_norm = feats.flatten(1).norm(dim=-1)
-
     max_iter = config.max_iter
     basis = torch.zeros(B, r, max_iter, dtype=torch.float64, device=device)  # V in Q₀ coordinates
-    rank = torch.zeros(B, dtype=torch.int64, device=device)
+    k = torch.zeros(B, dtype=torch.int64, device=device)  # directions kept per problem
     acc = torch.full((B, max_iter), float("nan"), dtype=torch.float32, device=device)
     first = torch.zeros(B, r, dtype=torch.float64, device=device)
 
@@ -419,7 +440,7 @@ def fit_inlp(
         fail = accuracy < config.min_accuracy
         add = ~degenerate & (~fail if config.stop_mode == "skip" else torch.ones_like(fail))
         V[:, :, t] = torch.where(add.unsqueeze(-1), v, torch.zeros_like(v))
-        rank[active] += add.long()
+        k[active] += add.long()
 
         go_on = ~fail & ~degenerate
         if t + 1 == max_iter:
@@ -434,13 +455,17 @@ def fit_inlp(
     bar.close()
     if active.numel():
         basis[active] = V
-    if n_unconverged:
-        warnings.warn(
-            f"INLP: {n_unconverged} logistic-regression fits did not converge within {config.max_newton} Newton steps."
-        )
+    return basis, k, acc, first, n_unconverged
 
+
+def _direction_set(q0: Tensor, basis: Tensor, k: Tensor, acc: Tensor, first: Tensor, harmful: Tensor,
+                   harmless: Tensor, positions: list[int]) -> DirectionSet:
+    """``fit_inlp``'s ``DirectionSet`` from ``_iterate``'s results, mapped back to D dimensions by
+    ``q0`` [B, D, r] (see ``fit_inlp`` for the fields)."""
+    _, P, L, D = harmful.shape
+    B, max_iter = acc.shape
     # Back to D dimensions: V = Q₀ V', first_dir = Q₀ first' (chunked, straight to float32 on the CPU).
-    k_max = int(rank.max()) if B else 0
+    k_max = int(k.max()) if B else 0
     left = torch.empty(B, D, k_max, dtype=torch.float32)
     direction = torch.empty(B, D, dtype=torch.float32)
     for sl in _chunks(B, D * (k_max + 1)):
@@ -453,7 +478,7 @@ def fit_inlp(
         direction=direction.reshape(P, L, D),
         scale=mean_diff.norm(dim=-1).float().cpu(),
         left=left.reshape(P, L, D, k_max),
-        rank=rank.reshape(P, L).cpu(),
+        k=k.reshape(P, L).cpu(),
         extras={"accuracies": acc.reshape(P, L, max_iter).cpu()},
     )
 
@@ -463,10 +488,10 @@ def k_for_policy(directions: DirectionSet, policy: KPolicy, k: int | None = None
 
     Args:
         directions: an INLP ``DirectionSet`` (needs ``extras["accuracies"]`` for acc99/acc95).
-        policy: ``"none"``: all (the rank); ``"fixed"``: min(k, rank); ``"acc99"`` / ``"acc95"``:
+        policy: ``"none"``: all (the fitted ``directions.k``); ``"fixed"``: min(k, fitted); ``"acc99"`` / ``"acc95"``:
             the number of classifiers whose dev accuracy is ≥ 0.99 / 0.95, counted over all the
             recorded accuracies (not only a leading run; INLP accuracies usually fall, so the two
-            rarely differ), at most the rank. A count of 0 stays 0: selection skips that
+            rarely differ), at most the fitted k. A count of 0 stays 0: selection skips that
             component, as the reference does (it is not clamped to 1).
         k: the k of the "fixed" policy (≥ 0).
 
@@ -476,16 +501,16 @@ def k_for_policy(directions: DirectionSet, policy: KPolicy, k: int | None = None
         rebuilds P from an SVD of those classifiers' summed rowspace projections, which can
         add spurious dimensions (DESIGN.md §11, docs/reference_parity.md).
     """
-    rank = directions.rank.long()
+    fitted = directions.k.long()
     if policy == "none":
-        return rank.clone()
+        return fitted.clone()
     if policy == "fixed":
         if k is None or k < 0:
             raise ValueError(f"The 'fixed' policy needs k >= 0, got {k}.")
-        return rank.clamp(max=k)
+        return fitted.clamp(max=k)
     thresholds = {"acc99": 0.99, "acc95": 0.95}
     if policy not in thresholds:
         raise ValueError(f"Unknown k policy {policy!r}; choose none, fixed, acc99 or acc95.")
     accuracies = directions.extras["accuracies"]
     count = (accuracies >= thresholds[policy]).sum(-1).long()  # NaN compares False
-    return torch.minimum(count, rank)
+    return torch.minimum(count, fitted)

@@ -69,5 +69,5 @@ def fit_leace(
         left=left.reshape(P, L, D, k_max),
         right=right.reshape(P, L, D, k_max),
         bias=torch.stack(biases).reshape(P, L, D),
-        rank=torch.tensor([u.shape[1] for u in lefts], dtype=torch.int64).reshape(P, L),
+        k=torch.tensor([u.shape[1] for u in lefts], dtype=torch.int64).reshape(P, L),
     )

@@ -1,4 +1,4 @@
-"""How attention runs while the scorer (``loss.iter_final_hidden``) calls the decoder.
+"""How attention runs while the scorer (``prefix_scorer.iter_final_hidden``) calls the decoder.
 
 Same results, less memory traffic; both changes last for one decoder forward (``scoring_forward``).
 

@@ -11,7 +11,7 @@ spaces), the first ``n_shots`` dev questions of the same subject, each
 question ending with ``"Answer:"`` (questions are ``.strip()``-ed as lm-eval does). The
 prediction is the letter whose token (``" A"`` .. ``" D"``) has the highest log-probability at
 the last position: one logit row per question. Questions of one subject share the few-shot
-prefix, which is computed once (see ``loss.iter_final_hidden``).
+prefix, which is computed once (see ``prefix_scorer.iter_final_hidden``).
 
 ARC-Challenge (``allenai/ai2_arc``): ``"Question: {question}\\nAnswer:"`` with shots
 ``"Question: {q}\\nAnswer: {correct choice}"`` joined by ``"\\n\\n"``; each choice is the
@@ -36,7 +36,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..models import ModelAdapter
-from .loss import next_token_logprobs, sequence_logprobs
+from .prefix_scorer import next_token_logprobs, sequence_logprobs
 from .stats import bootstrap_ci
 
 MMLU_LETTERS = ("A", "B", "C", "D")
@@ -151,6 +151,39 @@ def evaluate_mmlu(
     (``"next-token"`` or ``"continuation"`` when the letters are not single tokens).
     """
     shots = mmlu_shots(dev, n_shots)
+    selected = _mmlu_selection(questions, shots, n_shots, n_questions, n_subjects, seed)
+    records = [questions[i] for i in selected]
+    prompts = [mmlu_prompt(r, shots[r["subject"]]) for r in records]
+    groups = [r["subject"] for r in records]
+    logprobs, n_nonfinite, scoring = _mmlu_letter_logprobs(
+        adapter, prompts, groups, batch_size=batch_size, share_prefix=share_prefix, add_special_tokens=add_special_tokens
+    )
+    outcomes = _mmlu_outcomes(selected, records, logprobs, n_boot, seed)
+    by_subject, per_question = outcomes.pop("by_subject"), outcomes.pop("questions")
+    return {
+        "benchmark": "mmlu",
+        "n_shots": n_shots,
+        "n": len(records),
+        "n_available": len(questions),
+        "seed": seed,
+        **outcomes,
+        "n_nonfinite": n_nonfinite,
+        "scoring": scoring,
+        "by_subject": by_subject,
+        "questions": per_question,
+    }
+
+
+def _mmlu_selection(
+    questions: Sequence[Mapping],
+    shots: Mapping[str, Sequence[Mapping]],
+    n_shots: int,
+    n_questions: int | None,
+    n_subjects: int | None,
+    seed: int,
+) -> list[int]:
+    """Indices into ``questions`` of the evaluated ones (``evaluate_mmlu``'s ``n_subjects``, then
+    ``n_questions``, both seeded); raises ``ValueError`` when none is left or a subject has too few shots."""
     pool = list(range(len(questions)))
     if n_subjects is not None:
         subjects = sorted({r["subject"] for r in questions})
@@ -159,12 +192,28 @@ def evaluate_mmlu(
     selected = [pool[i] for i in _select(len(pool), n_questions, seed)]
     if not selected:
         raise ValueError("no MMLU questions to evaluate")
-    records = [questions[i] for i in selected]
-    for r in records:
-        if len(shots.get(r["subject"], [])) < n_shots:
-            raise ValueError(f"the dev split has fewer than {n_shots} questions for subject {r['subject']!r}")
-    prompts = [mmlu_prompt(r, shots[r["subject"]]) for r in records]
-    groups = [r["subject"] for r in records]
+    for i in selected:
+        subject = questions[i]["subject"]
+        if len(shots.get(subject, [])) < n_shots:
+            raise ValueError(f"the dev split has fewer than {n_shots} questions for subject {subject!r}")
+    return selected
+
+
+def _mmlu_letter_logprobs(
+    adapter: ModelAdapter,
+    prompts: Sequence[str],
+    groups: Sequence[str],
+    *,
+    batch_size: int,
+    share_prefix: bool,
+    add_special_tokens: bool,
+) -> tuple[np.ndarray, int, str]:
+    """``(log p of " A" .. " D" [n, 4] float64, non-finite positions, scoring)`` for every prompt.
+
+    One logit row per prompt when each letter is one token (``scoring == "next-token"``);
+    otherwise each letter is scored as a continuation (``"continuation"``). Prompts of one
+    group (subject) share their few-shot prefix.
+    """
     continuations = [" " + letter for letter in MMLU_LETTERS]
     letter_ids = _single_token_ids(adapter, prompts[0], continuations, add_special_tokens)
     if letter_ids is not None:
@@ -172,22 +221,24 @@ def evaluate_mmlu(
         logprobs, nonfinite = next_token_logprobs(
             adapter, sequences, letter_ids, groups=groups, batch_size=batch_size, share_prefix=share_prefix, desc="MMLU"
         )
-        n_nonfinite = int(nonfinite.sum())
-        scoring = "next-token"
-    else:  # letters are several tokens: score each as a continuation
-        sequences, starts, pair_groups = [], [], []
-        for q, prompt in enumerate(prompts):
-            for continuation in continuations:
-                ctx, cont = encode_pair(adapter, prompt, continuation, add_special_tokens)
-                sequences.append(ctx + cont)
-                starts.append(len(ctx))
-                pair_groups.append(groups[q])
-        scores = sequence_logprobs(
-            adapter, sequences, starts, groups=pair_groups, batch_size=batch_size, share_prefix=share_prefix, desc="MMLU"
-        )
-        logprobs = scores.logprob_sums.reshape(len(prompts), 4)
-        n_nonfinite = int(scores.n_nonfinite.sum())
-        scoring = "continuation"
+        return logprobs, int(nonfinite.sum()), "next-token"
+    sequences, starts, pair_groups = [], [], []
+    for q, prompt in enumerate(prompts):
+        for continuation in continuations:
+            ctx, cont = encode_pair(adapter, prompt, continuation, add_special_tokens)
+            sequences.append(ctx + cont)
+            starts.append(len(ctx))
+            pair_groups.append(groups[q])
+    scores = sequence_logprobs(
+        adapter, sequences, starts, groups=pair_groups, batch_size=batch_size, share_prefix=share_prefix, desc="MMLU"
+    )
+    return scores.logprob_sums.reshape(len(prompts), 4), int(scores.n_nonfinite.sum()), "continuation"
+
+
+def _mmlu_outcomes(selected: Sequence[int], records: Sequence[Mapping], logprobs: np.ndarray, n_boot: int, seed: int) -> dict:
+    """Predictions (argmax of ``logprobs`` [n, 4]) against the answers: ``accuracy``, ``accuracy_macro``,
+    ``ci``, ``chance_level``, ``above_chance``, ``by_subject`` and per-question ``questions``."""
+    groups = [r["subject"] for r in records]
     preds = logprobs.argmax(axis=1)
     answers = np.array([int(r["answer"]) for r in records])
     correct = preds == answers
@@ -197,18 +248,11 @@ def evaluate_mmlu(
         by_subject[subject] = {"n": int(mask.sum()), "accuracy": float(correct[mask].mean())}
     summary = _accuracy_summary(correct, MMLU_CHANCE, n_boot, seed)
     return {
-        "benchmark": "mmlu",
-        "n_shots": n_shots,
-        "n": len(records),
-        "n_available": len(questions),
-        "seed": seed,
         "accuracy": summary["accuracy"],
         "accuracy_macro": float(np.mean([s["accuracy"] for s in by_subject.values()])),
         "ci": summary["ci"],
         "chance_level": MMLU_CHANCE,
         "above_chance": summary["above_chance"],
-        "n_nonfinite": n_nonfinite,
-        "scoring": scoring,
         "by_subject": by_subject,
         "questions": [
             {
@@ -289,6 +333,57 @@ def evaluate_arc(
     if not selected:
         raise ValueError("no ARC questions to evaluate")
     records = [questions[i] for i in selected]
+    sequences, starts, groups, owners, char_lens = _arc_choice_sequences(
+        adapter, records, train, n_shots, shot_seed, shared_shots, add_special_tokens
+    )
+    scores = sequence_logprobs(
+        adapter, sequences, starts, groups=groups, batch_size=batch_size, share_prefix=share_prefix, desc="ARC"
+    )
+    lls, preds, preds_norm = _arc_predictions(scores.logprob_sums, owners, char_lens, len(records))
+    answers = np.array([int(r["answer"]) for r in records])
+    correct, correct_norm = preds == answers, preds_norm == answers
+    chance = float(np.mean([1.0 / len(r["choices"]) for r in records]))
+    acc = _accuracy_summary(correct, chance, n_boot, seed)
+    acc_norm = _accuracy_summary(correct_norm, chance, n_boot, seed)
+    return {
+        "benchmark": "arc_challenge", "n_shots": n_shots, "shot_seed": shot_seed, "shared_shots": shared_shots,
+        "n": len(records), "n_available": len(questions), "seed": seed,
+        "acc": acc["accuracy"], "acc_ci": acc["ci"], "acc_norm": acc_norm["accuracy"], "acc_norm_ci": acc_norm["ci"],
+        "chance_level": chance, "above_chance": acc_norm["above_chance"], "above_chance_acc": acc["above_chance"],
+        "n_nonfinite": int(scores.n_nonfinite.sum()),
+        "questions": _arc_question_rows(selected, records, lls, preds, preds_norm),
+    }
+
+
+def _arc_question_rows(selected: Sequence[int], records: Sequence[Mapping], lls: Sequence[np.ndarray],
+                       preds: np.ndarray, preds_norm: np.ndarray) -> list[dict]:
+    """``evaluate_arc``'s per-question outcomes (``index`` into the questions, ``id``, ``answer``,
+    ``pred``, ``pred_norm``, ``correct``, ``correct_norm``, ``loglikelihoods``, ``n_choices``)."""
+    answers = np.array([int(r["answer"]) for r in records])
+    correct, correct_norm = preds == answers, preds_norm == answers
+    return [
+        {"index": int(i), "id": r.get("id", ""), "answer": int(a), "pred": int(p), "pred_norm": int(pn),
+         "correct": bool(c), "correct_norm": bool(cn), "loglikelihoods": [float(x) for x in ll],
+         "n_choices": len(r["choices"])}
+        for i, r, a, p, pn, c, cn, ll in zip(selected, records, answers, preds, preds_norm, correct, correct_norm, lls)
+    ]
+
+
+def _arc_choice_sequences(
+    adapter: ModelAdapter,
+    records: Sequence[Mapping],
+    train: Sequence[Mapping],
+    n_shots: int,
+    shot_seed: int,
+    shared_shots: bool,
+    add_special_tokens: bool,
+) -> tuple[list[list[int]], list[int], list[int], list[int], list[float]]:
+    """One scored sequence per (question, choice), questions in order, choices in order.
+
+    Returns ``(sequences, starts, groups, owners, char_lens)``: token ids of context + " choice",
+    where the choice's tokens start, the prefix-sharing group (0 for every question with shared
+    shots, else the question's index), the question's index, and ``len(choice)`` (acc_norm's divisor).
+    """
     sequences, starts, groups, owners, char_lens = [], [], [], [], []
     common_shots = arc_shots(None, train, n_shots, shot_seed) if shared_shots else None
     for q, record in enumerate(records):
@@ -300,47 +395,17 @@ def evaluate_arc(
             groups.append(0 if shared_shots else q)
             owners.append(q)
             char_lens.append(float(len(choice)))
-    scores = sequence_logprobs(
-        adapter, sequences, starts, groups=groups, batch_size=batch_size, share_prefix=share_prefix, desc="ARC"
-    )
+    return sequences, starts, groups, owners, char_lens
+
+
+def _arc_predictions(
+    logprob_sums: np.ndarray, owners: Sequence[int], char_lens: Sequence[float], n_questions: int
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Per question: the choices' log-likelihoods, the ``acc`` prediction (argmax) and the ``acc_norm``
+    one (argmax of log-likelihood / characters, at least 1)."""
     owners_arr = np.array(owners)
-    lls = [scores.logprob_sums[owners_arr == q] for q in range(len(records))]
-    lens = [np.array(char_lens)[owners_arr == q] for q in range(len(records))]
-    answers = np.array([int(r["answer"]) for r in records])
+    lls = [logprob_sums[owners_arr == q] for q in range(n_questions)]
+    lens = [np.array(char_lens)[owners_arr == q] for q in range(n_questions)]
     preds = np.array([int(np.argmax(ll)) for ll in lls])
     preds_norm = np.array([int(np.argmax(ll / np.maximum(ln, 1.0))) for ll, ln in zip(lls, lens)])
-    correct, correct_norm = preds == answers, preds_norm == answers
-    chance = float(np.mean([1.0 / len(r["choices"]) for r in records]))
-    acc = _accuracy_summary(correct, chance, n_boot, seed)
-    acc_norm = _accuracy_summary(correct_norm, chance, n_boot, seed)
-    return {
-        "benchmark": "arc_challenge",
-        "n_shots": n_shots,
-        "shot_seed": shot_seed,
-        "shared_shots": shared_shots,
-        "n": len(records),
-        "n_available": len(questions),
-        "seed": seed,
-        "acc": acc["accuracy"],
-        "acc_ci": acc["ci"],
-        "acc_norm": acc_norm["accuracy"],
-        "acc_norm_ci": acc_norm["ci"],
-        "chance_level": chance,
-        "above_chance": acc_norm["above_chance"],
-        "above_chance_acc": acc["above_chance"],
-        "n_nonfinite": int(scores.n_nonfinite.sum()),
-        "questions": [
-            {
-                "index": int(i),
-                "id": r.get("id", ""),
-                "answer": int(a),
-                "pred": int(p),
-                "pred_norm": int(pn),
-                "correct": bool(c),
-                "correct_norm": bool(cn),
-                "loglikelihoods": [float(x) for x in ll],
-                "n_choices": len(r["choices"]),
-            }
-            for i, r, a, p, pn, c, cn, ll in zip(selected, records, answers, preds, preds_norm, correct, correct_norm, lls)
-        ],
-    }
+    return lls, preds, preds_norm

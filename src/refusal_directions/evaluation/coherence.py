@@ -94,7 +94,7 @@ from typing import Sequence
 import numpy as np
 
 from ..models import ModelAdapter
-from .loss import DEFAULT_MAX_ROWS, sequence_logprobs
+from .prefix_scorer import DEFAULT_MAX_ROWS, sequence_logprobs
 
 WORD_NGRAM = 3
 CHAR_NGRAM = 10
@@ -279,7 +279,7 @@ def completion_cross_entropy(
     Sequence ``i`` is ``tokens(adapter.format_prompt(instructions[i])) + tokens(completions[i])``
     (no special tokens added, as ``loss.instruction_loss`` does); only the completion tokens
     (the first ``max_completion_tokens`` of them, when given) are scored, with
-    ``loss.sequence_logprobs`` (batched, logits only at the scored positions). Unlike
+    ``prefix_scorer.sequence_logprobs`` (batched, logits only at the scored positions). Unlike
     ``on_distribution_loss`` every completion keeps its place: an empty one gets NaN and 0 tokens.
 
     The model must be the *unmodified* one: with ``require_unhooked`` a ``ValueError`` is raised

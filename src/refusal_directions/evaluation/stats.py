@@ -267,8 +267,3 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
         running = max(running, min(1.0, (m - rank) * p))
         out[i] = running
     return out
-
-
-def includes(interval: dict, value: float) -> bool:
-    """Whether ``value`` lies inside ``[interval["low"], interval["high"]]`` (e.g. chance level)."""
-    return bool(interval["low"] <= value <= interval["high"])

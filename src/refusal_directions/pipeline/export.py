@@ -57,7 +57,7 @@ class ExportSource:
     @property
     def k(self) -> int | None:
         """INLP's number of directions in P at the component (None for the other methods)."""
-        return self.component.rank if self.method == "inlp" else None
+        return self.component.k if self.method == "inlp" else None
 
     def removal(self) -> Removal:
         """The component's removal at every layer (LEACE: the linear, non-affine eraser)."""

@@ -53,7 +53,7 @@ def _best_component(method: str, sel: MethodSelection) -> dict:
     """The ``InterventionSpec`` fields naming ``sel``'s best component (and INLP's k there)."""
     best = sel.best
     return dict(method=method, pos_index=best.pos_index, position=best.position, layer=best.layer,
-                k=best.rank if method == "inlp" else None)
+                k=best.k if method == "inlp" else None)
 
 
 def scoped_specs(method: str, sel: MethodSelection, scope: Scope, pool: int, n_layers: int,
@@ -64,7 +64,7 @@ def scoped_specs(method: str, sel: MethodSelection, scope: Scope, pool: int, n_l
     except ScopeError as exc:
         raise RunError(f"{method}: {exc}") from None
     layers = tuple(scope.layers(sel.ranked, pool, n_layers))
-    own = tuple((c.pos_index, c.layer, c.rank if method == "inlp" else None) for c in in_scope)
+    own = tuple((c.pos_index, c.layer, c.k if method == "inlp" else None) for c in in_scope)
     scoped = dict(_best_component(method, sel), layers=layers, scope=scope.label,
                   components=own if config.scope_directions == "own" and scope.kind != "all" else ())
     specs = [InterventionSpec(f"{method}.{REMOVAL_NAMES[method]}@{scope.label}", "removal", **scoped)]

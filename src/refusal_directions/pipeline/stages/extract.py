@@ -173,7 +173,7 @@ def separation_summary(sets: dict[str, DirectionSet], harmful: Tensor, harmless:
 
     diff-in-means and LEACE: largest d' of the train projections ``[N, P, L]`` on the read-out
     direction (r̂, or LEACE's W); INLP: highest first-classifier dev accuracy. Each row:
-    ``{"method", "position", "layer", "score" (text), "inlp_rank"}`` (INLP's rank there, if fitted).
+    ``{"method", "position", "layer", "score" (text), "inlp_k"}`` (INLP's k there, if fitted).
     """
     rows = []
     for method, ds in sets.items():
@@ -181,7 +181,7 @@ def separation_summary(sets: dict[str, DirectionSet], harmful: Tensor, harmless:
             acc = ds.extras["accuracies"][..., 0]
             p, l = divmod(int(torch.nan_to_num(acc, -1.0).argmax()), ds.n_layers)
             rows.append({"method": method, "position": ds.positions[p], "layer": l,
-                         "score": f"dev acc {float(acc[p, l]):.3f}", "inlp_rank": int(ds.rank[p, l])})
+                         "score": f"dev acc {float(acc[p, l]):.3f}", "inlp_k": int(ds.k[p, l])})
             continue
         readout = ds.direction if ds.right is None else ds.right[..., 0]
         readout = readout / readout.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -191,7 +191,7 @@ def separation_summary(sets: dict[str, DirectionSet], harmful: Tensor, harmless:
         p, l = divmod(int(d_prime.argmax()), ds.n_layers)
         row = {"method": method, "position": ds.positions[p], "layer": l, "score": f"d' {float(d_prime[p, l]):.2f}"}
         if "inlp" in sets:
-            row["inlp_rank"] = int(sets["inlp"].rank[p, l])
+            row["inlp_k"] = int(sets["inlp"].k[p, l])
         rows.append(row)
     return rows
 

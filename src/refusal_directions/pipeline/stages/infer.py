@@ -110,8 +110,8 @@ def _generation_setup(run: Run, plan: list[InterventionSpec], sets: dict[str, Di
         yield apply_spec
         return
     built = [build_for_capability(spec, sets) for spec in plan]
-    max_rank = max([1, *(i.rank for i in built if i is not None)])
-    slots = InterventionSlots(run.adapter, max_rank)
+    max_k = max([1, *(i.k for i in built if i is not None)])
+    slots = InterventionSlots(run.adapter, max_k)
 
     @contextmanager
     def load(spec: InterventionSpec, sign: float | None) -> Iterator[str]:
