@@ -133,6 +133,8 @@ def test_a_record_of_an_unfinished_run_reruns_only_its_stages(original):
     record = {**read_record(original.dir), "stages": ["extract", "select"]}
     config = config_from_record(record)
     assert config.select_only and not config.infer_only and P.stages_for("run", config) == ["extract", "select"]
+    generated = config_from_record({**record, "kind": "evaluate-model", "stages": ["infer"]})
+    assert generated.infer_only and not generated.select_only
     with pytest.raises(P.RunError, match="settings this version does not know"):
         config_from_record({**record, "config": {**record["config"], "no_such_setting": 1}})
 

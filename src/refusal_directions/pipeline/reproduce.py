@@ -83,8 +83,8 @@ def config_from_record(record: dict, data_dir: str | None = None) -> RunConfig:
     if data_dir is not None:
         values["data_dir"] = str(data_dir)
     stages = [s for s in record.get("stages") or [] if s in STAGES]
-    if record.get("kind") == "run" and stages and stages[-1] != "evaluate":
-        values[f"{stages[-1]}_only"] = True  # stop where the original stopped
+    if stages and stages[-1] != "evaluate":
+        values[f"{stages[-1]}_only"] = True  # stop where the original stopped (an evaluate-model run: infer_only)
     try:
         return RunConfig(**values).validate()
     except (ConfigError, TypeError) as exc:
