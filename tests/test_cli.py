@@ -16,7 +16,7 @@ def _help(capsys, *argv) -> str:
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["run", "extract", "select", "infer", "evaluate", "export"])
+@pytest.mark.parametrize("command", ["run", "extract", "select", "infer", "evaluate", "export", "evaluate-model"])
 def test_help_documents_every_config_flag(capsys, command):
     text = _help(capsys, command)
     for f in dataclasses.fields(RunConfig):
@@ -24,7 +24,7 @@ def test_help_documents_every_config_flag(capsys, command):
     assert "--config" in text
 
 
-@pytest.mark.parametrize("command", ["report", "compare", "models", "datasets"])
+@pytest.mark.parametrize("command", ["report", "compare", "models", "datasets", "reproduce"])
 def test_help_of_other_commands(capsys, command):
     assert "usage" in _help(capsys, command)
 
@@ -77,6 +77,18 @@ def test_errors_are_one_clear_line(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("error: No model at") and "Traceback" not in "\n".join(err)
+
+
+def test_reproduce_of_a_folder_without_a_record_is_one_clear_line(capsys, tmp_path):
+    code = main(["reproduce", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == f"error: {tmp_path / 'reproduce.json'} does not exist: {tmp_path} is not a run " \
+        "folder, or was made before reproduce records existed (rerun it with the same settings to get one)."
+
+
+def test_evaluate_model_refuses_stage_flags_that_do_not_apply(capsys, tmp_path):
+    code = main(["evaluate-model", "--model", str(tmp_path / "nope"), "--device", "cpu", "--use-existing"])
+    assert code == 2 and "evaluate-model runs generation and evaluation only" in capsys.readouterr().err
 
 
 def test_models_show_and_datasets(capsys, tmp_path):

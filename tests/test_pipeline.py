@@ -62,7 +62,7 @@ def assert_same(a, b, path="results"):
 
 def _artifact_mtimes(folder: Path) -> dict[str, float]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")
-            if p.is_file() and p.name not in ("manifest.json", "run.log") and "report" not in p.parts}
+            if p.is_file() and p.name not in ("manifest.json", "run.log", "reproduce.json") and "report" not in p.parts}
 
 
 def test_run_produces_every_metric_and_the_report(complete_run):

@@ -21,7 +21,7 @@ from .config import ConfigError, RunConfig, build_config, field_types
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from .pipeline import Extraction, Run
+    from .pipeline import Extraction, Reproduction, Run
     from .selection import MethodSelection
 
 log = logging.getLogger("refusal_directions")
@@ -186,6 +186,40 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"Exported to {out}" + (f" and uploaded to {args.push_to_hub}" if args.push_to_hub else ""))
 
 
+def cmd_evaluate_model(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from . import pipeline
+
+    config, note = config_from_args(args)
+    if note:
+        log.warning(note)
+    pipeline.evaluate_model_command(config, run_dir=args.run_dir, on_event=stage_printer(Console(stderr=True)))
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Rerun a run folder and list the differences; the exit status says whether there were any."""
+    from . import pipeline
+
+    result = pipeline.reproduce_run(Path(args.run_dir), out=args.out, data_dir=args.data_dir)
+    print(reproduction_text(result))
+    return result.exit_code
+
+
+def reproduction_text(result: Reproduction) -> str:
+    """What ``reproduce`` prints: warnings, then every difference or that the artifacts are identical."""
+    from .pipeline.diff import compared_artifacts
+
+    lines = [f"Reproduced {result.original} into {result.rerun}."]
+    lines += [f"WARNING: {w}" for w in result.warnings]
+    if result.identical:
+        lines.append(f"Identical: all {len(compared_artifacts(result.original))} artifacts are bit-identical.")
+    else:
+        lines.append(f"DIFFERENT: {len(result.differences)} differences (artifact [key]: what differs):")
+        lines += [f"  {d}" for d in result.differences]
+    return "\n".join(lines)
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -254,6 +288,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(p)
     p.set_defaults(func=cmd_export)
 
+    text = ("Generate and evaluate a model as it is (abliterated by another tool, or an `export` folder) with the "
+            "same judges, metrics and paired tests as a run: against --base when given (rows 'baseline' = the base, "
+            "'model' = the evaluated model; both must share architecture, tokenizer and chat template), else its own "
+            "numbers only. No directions are extracted or selected.")
+    p = sub.add_parser("evaluate-model", help="Evaluate a model as it is (--model M [--base B]): infer, evaluate, report.",
+                       description=text)
+    add_config_options(p)
+    p.set_defaults(func=cmd_evaluate_model)
+
+    text = ("Rerun a run folder from its reproduce.json (every setting, versions, data hashes) into a fresh folder and "
+            "compare the artifacts exactly: directions, selection, completions, metrics. Exit status 0 when identical, "
+            "3 when anything differs (each difference is listed); warns when versions, data or the model differ from the record.")
+    p = sub.add_parser("reproduce", help="Rerun a run folder and compare its artifacts (exit 3 if they differ).", description=text)
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, default=None, help="Fresh folder for the rerun (default: RUN_DIR-reproduce).")
+    p.add_argument("--data-dir", default=None, help="Where the dataset mirror is now, if it moved (default: as recorded).")
+    p.set_defaults(func=cmd_reproduce)
+
     p = sub.add_parser("models", help="Inspect a model: layers, d_model, post-instruction and refusal tokens.",
                        description="Inspect a model: layers, d_model, post-instruction and refusal tokens.")
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -286,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(args.global_debug or getattr(args, "debug", False))
     _setup_logging(debug)
     try:
-        args.func(args)
+        status = args.func(args)  # None, or the command's own exit status (reproduce: 3 when artifacts differ)
     except KeyboardInterrupt:
         print("Interrupted; finished artifacts are kept and a rerun resumes from them.", file=sys.stderr)
         return 130
@@ -297,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix = "error" if known else f"error ({type(exc).__name__})"
         print(f"{prefix}: {exc}" + ("" if known else "  [rerun with --debug for the traceback]"), file=sys.stderr)
         return 2 if known else 1
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

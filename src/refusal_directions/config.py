@@ -52,6 +52,7 @@ def opt(default: Any, help: str, stage: str | None = None, choices: tuple | None
 class RunConfig:
     # ------------------------------------------------------------------ model and data
     model: str = opt("embedded", "Model: 'embedded' (Qwen2.5-Coder-0.5B-Instruct), 'embedded:1.5b', a hub id, a local folder or a .gguf file.", "extract")
+    base: str | None = opt(None, "evaluate-model only: the base model (same forms as --model) that --model is reported against, the base's row being the baseline of the paired tests; unset: only --model's own numbers. Part of an evaluate-model run's keys through both models' fingerprints.")
     device: str = opt("auto", "Device: 'auto' (all GPUs of this host via accelerate, else CPU), 'cpu', 'cuda:0'.")
     dtype: str = opt("auto", "Model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.", "extract")
     chat_template: str | None = opt(None, "Jinja chat-template file for tokenizers without one.", "extract")

@@ -152,7 +152,68 @@ class Composite:
         return [h for part in self.parts for h in part.hooks(adapter)]
 
 
-Intervention = Removal | ActAdd | Composite
+class ReplacementError(ValueError):
+    """Another model's weights cannot replace the adapter's; the message says what differs."""
+
+
+@dataclass
+class Replacement:
+    """Another model's weights put in place of the adapter's while applied (``applied``): the
+    evaluate-model run's "model" row, computed with the base model's modules and code paths.
+
+    ``weights``: every parameter of the other model by name (``named_parameters(remove_duplicate=False)``,
+    so a tied output head appears under both names); ``tied``: whether its output head is its
+    input embedding; ``label``: what it is (the model's name), for messages. Exact: the copied
+    values are the other model's, bit for bit. It has no hooks (``intervene`` refuses it).
+    """
+
+    weights: dict[str, Tensor]
+    tied: bool
+    label: str
+    rank: int = 0
+
+    @classmethod
+    def of(cls, adapter: ModelAdapter) -> "Replacement":
+        """The replacement by ``adapter``'s model's weights."""
+        head, embedding = adapter.lm_head, adapter.model.get_input_embeddings()
+        weights = {n: p.detach() for n, p in adapter.model.named_parameters(remove_duplicate=False)}
+        return cls(weights, head is not None and head.weight is embedding.weight, adapter.name)
+
+    def hooks(self, adapter: ModelAdapter) -> list[Hook]:
+        raise TypeError(f"{self.label}: a weight replacement has no hooks; apply it with interventions.applied.")
+
+
+@torch.no_grad()
+def replace_weights(adapter: ModelAdapter, replacement: Replacement) -> dict[str, Tensor]:
+    """Copy ``replacement``'s weights into the adapter's model in place; returns the original values
+    of the parameters that changed (for ``restore``). Unties the adapter's embeddings first when the
+    replacement's are untied. ``ReplacementError`` when names, shapes or dtypes differ."""
+    head, embedding = adapter.lm_head, adapter.model.get_input_embeddings()
+    if not replacement.tied and head is not None and head.weight is embedding.weight:
+        _untie_embeddings(adapter)
+    params = dict(adapter.model.named_parameters(remove_duplicate=False))
+    missing, extra = sorted(set(params) - set(replacement.weights)), sorted(set(replacement.weights) - set(params))
+    if missing or extra:
+        raise ReplacementError(f"{replacement.label} has other parameters than {adapter.name}: "
+                               f"missing {missing[:5]}, extra {extra[:5]} (another architecture?).")
+    for name, param in params.items():
+        new = replacement.weights[name]
+        if new.shape != param.shape or new.dtype != param.dtype:
+            raise ReplacementError(f"{replacement.label}: parameter {name} is {tuple(new.shape)} {new.dtype}, "
+                                   f"{adapter.name}'s is {tuple(param.shape)} {param.dtype}; load both with the same --dtype.")
+    originals: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, param in params.items():
+        new = replacement.weights[name].to(param.device)
+        if id(param) in seen or torch.equal(param, new):
+            continue
+        seen.add(id(param))
+        originals[name] = param.detach().clone()
+        param.copy_(new)
+    return originals
+
+
+Intervention = Removal | ActAdd | Composite | Replacement
 
 
 @contextmanager
@@ -529,12 +590,20 @@ def restore(adapter: ModelAdapter, originals: dict[str, Tensor]) -> None:
 
 @contextmanager
 def applied(adapter: ModelAdapter, intervention: Intervention | None, bake_weights: bool = False) -> Iterator[str]:
-    """Apply an intervention for the block, baked into the weights where asked and exact.
+    """Apply an intervention for the block, baked into the weights where asked and exact; a
+    ``Replacement`` by copying its weights in (restored after the block).
 
-    Yields "baked", "hooks" or "none" (what was used).
+    Yields "baked", "hooks", "replaced" or "none" (what was used).
     """
     if intervention is None:
         yield "none"
+        return
+    if isinstance(intervention, Replacement):
+        originals = replace_weights(adapter, intervention)
+        try:
+            yield "replaced"
+        finally:
+            restore(adapter, originals)
         return
     if bake_weights and isinstance(intervention, Removal):
         try:
@@ -575,9 +644,10 @@ def actadd_for(directions: DirectionSet, pos_index: int, layer: int, coefficient
 class InterventionSpec:
     """A named, serialisable intervention of the evaluation plan.
 
-    kind: "baseline", "removal" (ablation / projection / erasure), "reflection" (alpha != 1) or
+    kind: "baseline", "removal" (ablation / projection / erasure), "reflection" (alpha != 1),
     "actadd" (coefficient = |c|; the sign is not part of the spec: ``build`` is given it per
-    prompt set, decided by the plan, ``pipeline.plan``).
+    prompt set, decided by the plan, ``pipeline.plan``) or "model" (another model's weights: the
+    ``Replacement`` found under ``method`` in the mapping given to ``build``; evaluate-model runs).
     ``scope``: the scope label of a removal or reflection (one, top0.5, all). ``components``:
     (pos_index, layer, k) of each component in scope when each keeps its own direction or P
     (empty: the best component's at every layer of ``layers``, the reference's default).
@@ -603,6 +673,11 @@ class InterventionSpec:
         ``sign`` (+1 adds, -1 subtracts) is required for ActAdd and ignored by the other kinds."""
         if self.kind == "baseline":
             return None
+        if self.kind == "model":
+            replacement = direction_sets.get(self.method)  # type: ignore[call-overload]
+            if not isinstance(replacement, Replacement):
+                raise ValueError(f"{self.name}: no model weights ({self.method!r}) were given to build it from.")
+            return replacement
         directions = direction_sets[self.method]
         if self.kind == "actadd":
             if sign is None:

@@ -137,6 +137,8 @@ def describe_intervention(spec: dict) -> str:
     kind = spec.get("kind", "?")
     if kind == "baseline":
         return "no intervention"
+    if kind == "model":
+        return "the evaluated model's own weights (evaluate-model run)"
     parts = [kind]
     if kind == "actadd":
         parts.append(f"c={fmt_num(spec.get('coefficient'), 2)} at layer {spec.get('layer')}")
@@ -610,13 +612,39 @@ def _html_page(title: str, body: str) -> str:
 
 
 # ====================================================================== report sections
+def _model_text(model: dict) -> str:
+    return f"{model.get('name') or 'unknown model'} (alias {model.get('alias', 'n/a')}, fingerprint {model.get('fingerprint', 'n/a')})"
+
+
+def evaluate_model_title(evaluated: dict) -> str:
+    """The title of an evaluate-model run's report: the evaluated model, and its base if any."""
+    model, base = evaluated.get("model") or {}, evaluated.get("base")
+    name = model.get("spec") or model.get("name") or "unknown model"
+    return f"Evaluate-model run: {name}" + (f" vs base {base.get('spec') or base.get('name')}" if base else " (no base)")
+
+
+def _evaluate_model_rows(evaluated: dict) -> list[tuple[str, str]]:
+    """The header rows naming an evaluate-model run's models and what its rows are."""
+    model, base = evaluated.get("model") or {}, evaluated.get("base")
+    if base:
+        meaning = ("row baseline: the base model as it is (the baseline of every paired test); row model: the "
+                   "evaluated model; no directions were extracted or selected")
+        return [("run kind", "evaluate-model"), ("evaluated model", _model_text(model)), ("base model", _model_text(base)),
+                ("rows", meaning)]
+    return [("run kind", "evaluate-model"), ("evaluated model", _model_text(model)), ("base model", "none given"),
+            ("rows", "row baseline: the evaluated model itself (its own numbers, no paired tests)")]
+
+
 def _header(doc: _Doc, art: RunArtifacts) -> None:
     model, config, manifest = art.model, art.config, art.manifest or {}
     name = model.get("name") or "unknown model"
-    doc.html.append(f"<h1>Refusal directions: {html.escape(str(name))}</h1>")
-    doc.md.append(f"# Refusal directions: {name}\n")
+    evaluated = manifest.get("evaluate_model")
+    title = evaluate_model_title(evaluated) if evaluated else f"Refusal directions: {name}"
+    doc.html.append(f"<h1>{html.escape(str(title))}</h1>")
+    doc.md.append(f"# {title}\n")
     rows = [
-        ("model", f"{name} (alias {model.get('alias', 'n/a')}, fingerprint {model.get('fingerprint', 'n/a')})"),
+        *(_evaluate_model_rows(evaluated) if evaluated else []),
+        ("model", _model_text(model) + (" (the model whose modules ran)" if evaluated else "")),
         ("architecture", f"{model.get('n_layers', 'n/a')} layers, d_model {model.get('d_model', 'n/a')}, "
                          f"dtype {model.get('dtype', 'n/a')}, device {model.get('device', 'n/a')}"),
         ("run", f"key {manifest.get('key', 'n/a')}, folder {art.dir}"),
@@ -631,15 +659,21 @@ def _header(doc: _Doc, art: RunArtifacts) -> None:
         ("package version", f"{manifest.get('package_version', 'n/a')} (report written by {__version__})"),
         ("stage timings", _timings_text(manifest.get("timings") or {})),
     ]
+    if evaluated:  # no directions: the extraction and selection settings did not apply
+        rows = [r for r in rows if r[0] not in ("positions", "methods", "scoring / scope")]
+        rows = [("sizes", f"n_test {config.get('n_test', 'n/a')}, max_new_tokens {config.get('max_new_tokens', 'n/a')}")
+                if k == "sizes" else (k, v) for k, v in rows]
     versions = manifest.get("versions") or {}
     if versions:
         rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items())))
     doc.html.append('<table class="meta">' + "".join(
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows) + "</table>")
     doc.md.append("| | |\n|---|---|\n" + "\n".join(f"| {_md_cell(k)} | {_md_cell(v)} |" for k, v in rows) + "\n")
-    stage_text = ", ".join(f"{s}: {'done' if art.stages.get(s) else 'missing'}" for s in STAGES)
-    if art.missing_stages:
-        msg = (f"Stages missing: {', '.join(art.missing_stages)}. This report shows what exists ({stage_text}); "
+    stages = [s for s in STAGES if not (evaluated and s in ("extract", "select"))]  # evaluate-model runs have no directions
+    stage_text = ", ".join(f"{s}: {'done' if art.stages.get(s) else 'missing'}" for s in stages)
+    missing = [s for s in art.missing_stages if s in stages]
+    if missing:
+        msg = (f"Stages missing: {', '.join(missing)}. This report shows what exists ({stage_text}); "
                f"run the missing stages (e.g. `refusal-directions run` with the same settings) to complete it.")
         doc.html.append(f'<p class="missing">{html.escape(msg)}</p>')
         doc.md.append(f"> **{msg}**\n")
@@ -1197,7 +1231,8 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
     out_dir = run_dir / "report"
     for name, data in doc.images.items():
         write_bytes(out_dir / name, data)
-    title = f"Refusal directions report: {art.model.get('name', run_dir.name)}"
+    evaluated = (art.manifest or {}).get("evaluate_model")
+    title = evaluate_model_title(evaluated) if evaluated else f"Refusal directions report: {art.model.get('name', run_dir.name)}"
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
     write_text(html_path, _html_page(title, "\n".join(doc.html)))
     write_text(md_path, "\n".join(doc.md).strip() + "\n")

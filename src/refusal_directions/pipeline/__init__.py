@@ -22,25 +22,31 @@ Layout::
     evaluate/<intervention>/<metric>.json
     evaluate/summary.json
     report/report.html, report/report.md
+    reproduce.json                     what `refusal-directions reproduce` reruns: settings, versions, data hashes
 
 Modules: ``store`` (run folder, keys, manifest, artifact validity), ``stages`` (one module per
 stage), ``plan`` (every intervention's layers, coefficient and ActAdd sign), ``summary`` (the
 assembly of ``evaluate/summary.json``), ``export`` (baked models), ``commands`` (which stages a
-command runs). ``docs/architecture.md`` draws the data flow and what each module may import.
+command runs), ``evaluate_model`` (infer and evaluate on a model as it is, against its base),
+``reproduce`` (rerun from ``reproduce.json``) and ``diff`` (artifact differences of two folders). ``docs/architecture.md`` draws the data flow and what each module may import.
 This package re-exports the public names.
 """
 
 from .commands import run_command, stages_for
+from .diff import Difference, diff_runs
+from .evaluate_model import check_compatible, evaluate_model_command
 from .export import EXPORTABLE, ExportOptions, export_model
 from .plan import INDUCE_REFUSAL, REMOVE_REFUSAL, actadd_sign, capability_sign, plan_interventions
 from .stages.evaluate import evaluate, general_text_corpus
 from .stages.extract import Extraction, extract, fit_method, load_extraction, sample_prompts, separation_summary, unused_train_prompts
 from .stages.infer import eval_prompt_sets, generation_batch_size, infer, load_completions, load_plan, use_static_cache
 from .stages.select import filtered_val_prompts, inlp_k_table, load_selection, select
+from .reproduce import Reproduction, reproduce_run
 from .store import Run, RunError, open_run, timed, write_manifest
 
 __all__ = [
-    "EXPORTABLE", "INDUCE_REFUSAL", "REMOVE_REFUSAL", "Extraction", "Run", "RunError", "actadd_sign", "capability_sign",
+    "Difference", "EXPORTABLE", "INDUCE_REFUSAL", "Reproduction", "check_compatible", "diff_runs",
+    "evaluate_model_command", "reproduce_run", "REMOVE_REFUSAL", "Extraction", "Run", "RunError", "actadd_sign", "capability_sign",
     "eval_prompt_sets", "evaluate", "ExportOptions", "export_model", "extract", "filtered_val_prompts", "fit_method", "general_text_corpus",
     "generation_batch_size", "infer", "inlp_k_table", "load_completions", "load_extraction", "load_plan", "load_selection",
     "open_run", "plan_interventions", "run_command", "sample_prompts", "select", "separation_summary", "stages_for", "timed",

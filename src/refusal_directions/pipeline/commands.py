@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import RunConfig
+from ..models import ModelAdapter
 from .stages.evaluate import evaluate
 from .stages.extract import extract
 from .stages.infer import infer
@@ -27,10 +28,11 @@ EventListener = Callable[[str, Run, Any], None]
 
 
 def run_command(command: str, config: RunConfig, run_dir: Path | None = None,
-                on_event: EventListener | None = None) -> Run:
-    """Run one stage (``extract``, ``select``, ``infer``, ``evaluate``) or all of them (``run``)."""
+                on_event: EventListener | None = None, adapter: ModelAdapter | None = None) -> Run:
+    """Run one stage (``extract``, ``select``, ``infer``, ``evaluate``) or all of them (``run``);
+    ``adapter``: the model already loaded (default: load ``config.model``)."""
     notify = on_event or (lambda step, run, result: None)
-    run = open_run(config, run_dir=run_dir)
+    run = open_run(config, adapter=adapter, run_dir=run_dir)
     notify("open", run, None)
     if config.skip_eval:
         config.infer_only = True

@@ -5,11 +5,13 @@ and every setting that changes the directions and the selection (``RunConfig.sta
 Every artifact records the key of the stage that made it (``Run.stage_key``); an artifact is
 *valid* when it exists, reads whole, and carries the current key of its stage. Writers are atomic
 (``artifacts``), so a killed process leaves each file whole or absent, and a rerun recomputes
-exactly what is missing or stale. This module owns those rules and the manifest; it knows no stage.
+exactly what is missing or stale. This module owns those rules, the manifest and the reproduce
+record (``reproduce.json``: what ``pipeline.reproduce`` needs to rerun the run); it knows no stage.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import platform
 import time
@@ -28,6 +30,11 @@ from ..models import ModelAdapter, load_model
 log = logging.getLogger(__name__)
 
 MODEL_INFO_FIELDS = ("name", "alias", "fingerprint", "n_layers", "d_model", "dtype", "device")
+REPRODUCE_FILE = "reproduce.json"
+REPRODUCE_FORMAT = 1
+# the distributions whose versions can change a run's numbers (recorded in reproduce.json)
+LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "numpy", "scipy",
+             "concept-erasure", "peft", "gguf")
 
 
 class RunError(RuntimeError):
@@ -40,7 +47,9 @@ class Run:
 
     ``key``: the run folder's key (the select stage's key). ``timings``: seconds per stage that
     wrote artifacts in this process. ``model_info``: the manifest's model description, kept when
-    the model is freed (before a safety judge is loaded).
+    the model is freed (before a safety judge is loaded). ``identity``: what the stage keys hash
+    instead of the adapter's fingerprint (an evaluate-model run: both models' fingerprints);
+    ``evaluate_model``: that run's description (``{"model": ..., "base": ... or None}``), else None.
     """
 
     config: RunConfig
@@ -49,6 +58,8 @@ class Run:
     key: str
     timings: dict[str, float] = field(default_factory=dict)
     model_info: dict = field(default_factory=dict)
+    identity: str | None = None
+    evaluate_model: dict | None = None
 
     def path(self, *parts: str) -> Path:
         """A path inside the run folder."""
@@ -56,7 +67,7 @@ class Run:
 
     def stage_key(self, stage: str) -> str:
         """The key every artifact of ``stage`` must carry to be reused."""
-        return self.config.stage_key(stage, self.adapter.fingerprint)
+        return self.config.stage_key(stage, self.identity or self.adapter.fingerprint)
 
     @property
     def batch_size(self) -> int:
@@ -66,21 +77,25 @@ class Run:
         return 64 if self.adapter.input_device.type == "cuda" else 16
 
 
-def open_run(config: RunConfig, adapter: ModelAdapter | None = None, run_dir: Path | None = None) -> Run:
+def open_run(config: RunConfig, adapter: ModelAdapter | None = None, run_dir: Path | None = None,
+             identity: str | None = None, evaluate_model: dict | None = None) -> Run:
     """Load the model (unless given) and open (or create) the run folder for ``config``.
 
-    A folder whose manifest belongs to another model or configuration is refused, unless
-    ``force_overwrite`` is set. Attaches ``run.log`` and writes the manifest.
+    ``identity`` replaces the model fingerprint in every stage key and ``evaluate_model`` describes
+    an evaluate-model run (see ``Run``); both None for a run of the pipeline. A folder whose manifest
+    belongs to another model or configuration is refused, unless ``force_overwrite`` is set.
+    Attaches ``run.log`` and writes the manifest and ``reproduce.json``.
     """
     if adapter is None:
         adapter = load_model(config.model, device=config.device, dtype=config.dtype, chat_template=config.chat_template)
-    key = config.stage_key("select", adapter.fingerprint)
+    key = config.stage_key("select", identity or adapter.fingerprint)
     folder = Path(run_dir) if run_dir is not None else Path(config.output_dir) / adapter.alias / key
     if not config.force_overwrite:
         _check_folder_owner(folder, adapter, key)
     folder.mkdir(parents=True, exist_ok=True)
     described = adapter.describe()
-    run = Run(config, adapter, folder, key, model_info={k: described[k] for k in MODEL_INFO_FIELDS})
+    run = Run(config, adapter, folder, key, model_info={k: described[k] for k in MODEL_INFO_FIELDS},
+              identity=identity, evaluate_model=evaluate_model)
     _attach_log_file(folder / "run.log")
     write_manifest(run)
     return run
@@ -122,25 +137,74 @@ def _attach_log_file(path: Path) -> None:
 
 def write_manifest(run: Run) -> None:
     """Write ``manifest.json``: config, model, stage keys and versions, data identity, timings
-    (merged with those already recorded, so a rerun that reuses a stage keeps its time)."""
+    (merged with those already recorded, so a rerun that reuses a stage keeps its time); and
+    ``reproduce.json`` (``reproduce_record``)."""
     path = run.path("manifest.json")
     old = read_json(path) if path.exists() else {}
     timings = {**old.get("timings", {}), **run.timings}
-    write_json(
-        path,
-        {
-            "key": run.key,
-            "config": run.config.to_dict(),
-            "model": run.model_info,
-            "stage_keys": {s: run.stage_key(s) for s in STAGES},
-            "stage_versions": dict(STAGE_VERSIONS),
-            "data": run.config.data_identity(),  # source and content hash of every dataset the stages read
-            "package_version": __version__,
-            "versions": {"torch": torch.__version__, "python": platform.python_version()},
-            "seed": run.config.seed,
-            "timings": timings,
-        },
-    )
+    data = run.config.data_identity()  # source and content hash of every dataset the stages read
+    manifest = {
+        "key": run.key,
+        "config": run.config.to_dict(),
+        "model": run.model_info,
+        "stage_keys": {s: run.stage_key(s) for s in STAGES},
+        "stage_versions": dict(STAGE_VERSIONS),
+        "data": data,
+        "package_version": __version__,
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "seed": run.config.seed,
+        "timings": timings,
+    }
+    if run.evaluate_model is not None:
+        manifest["evaluate_model"] = run.evaluate_model
+    write_json(path, manifest)
+    write_json(run.path(REPRODUCE_FILE), reproduce_record(run, data))
+
+
+def library_versions() -> dict[str, str]:
+    """The installed version of every distribution in ``LIBRARIES`` ("not installed" where absent),
+    and Python's."""
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def reproduce_record(run: Run, data: dict | None = None) -> dict:
+    """The ``reproduce.json`` document: everything a rerun needs and everything that, if it changed,
+    explains different numbers.
+
+    ``kind`` ("run" or "evaluate-model", with ``evaluate_model``: the model and the base), the
+    package and stage code versions, every setting (``config``), the model (the spec as given, its
+    absolute path when it is a local file or folder, and its fingerprint), the content hashes of the
+    data files read (``data``, as ``RunConfig.data_identity``), library versions, the seed and the
+    CPU threads (CPU reductions may depend on them), and the stages whose artifacts the folder holds.
+    """
+    config = run.config
+    spec = Path(config.model).expanduser()
+    record = {
+        "format": REPRODUCE_FORMAT,
+        "kind": "evaluate-model" if run.evaluate_model is not None else "run",
+        "package_version": __version__,
+        "stage_versions": dict(STAGE_VERSIONS),
+        "config": config.to_dict(),
+        "model": {"spec": config.model, "path": str(spec.resolve()) if spec.exists() else None,
+                  "fingerprint": run.model_info.get("fingerprint"), "identity": run.identity or run.model_info.get("fingerprint"),
+                  "info": run.model_info},
+        "data": data if data is not None else config.data_identity(),
+        "libraries": library_versions(),
+        "platform": platform.platform(),
+        "seeds": {"seed": config.seed},
+        "torch_threads": torch.get_num_threads(),
+        "stages": [s for s in STAGES if run.path(s).is_dir() and any(run.path(s).iterdir())],
+    }
+    if run.evaluate_model is not None:
+        record["evaluate_model"] = run.evaluate_model
+    return record
 
 
 @contextmanager

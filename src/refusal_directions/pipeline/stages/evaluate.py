@@ -28,7 +28,7 @@ from ...evaluation.coherence import coherence_features, completion_cross_entropy
 from ...evaluation.divergence import completion_kl
 from ...evaluation.judges import run_safety_judge
 from ...evaluation.reasoning import judged_texts
-from ...interventions import InterventionSpec, applied, intervene
+from ...interventions import InterventionSpec, applied
 from ..plan import build_for_capability
 from ..store import Run, timed, valid_json
 from ..summary import assemble_summary
@@ -42,8 +42,8 @@ Completions = dict[str, dict[str, list[dict]]]
 def evaluate(run: Run, plan: list[InterventionSpec] | None = None, sets: dict[str, DirectionSet] | None = None) -> dict:
     """Every metric under every intervention; writes and returns ``evaluate/summary.json``."""
     config = run.config
-    plan = plan or load_plan(run)
-    sets = sets or load_extraction(run).direction_sets
+    plan = load_plan(run) if plan is None else plan
+    sets = load_extraction(run).direction_sets if sets is None else sets
     key = run.stage_key("evaluate")
     notes: list[str] = []
     with timed(run, "evaluate"):
@@ -177,11 +177,12 @@ def _arc(run: Run) -> dict:
 def _harmless_kl(run: Run, spec: InterventionSpec, sets: dict[str, DirectionSet], completions: Completions) -> dict:
     """KL(baseline || intervened) on the harmless test prompts and the baseline's own completions
     (first ``kl_tokens`` tokens), with the intervention applied as capability metrics apply it
-    (``plan.capability_sign``). Hooks, never baked weights: both models run per batch."""
+    (``plan.capability_sign``). Hooks, never baked weights: both models run per batch (a
+    ``Replacement``, another model's weights, is copied in and out per batch)."""
     base = completions["baseline"][run.config.harmless_eval]
     built = build_for_capability(spec, sets)
     return completion_kl(run.adapter, [r["prompt"] for r in base], [r["response"] for r in base],
-                         lambda: intervene(run.adapter, built), n_tokens=run.config.kl_tokens,
+                         lambda: applied(run.adapter, built, bake_weights=False), n_tokens=run.config.kl_tokens,
                          batch_size=_metric_batch_size(run), desc=f"KL {spec.name}").to_dict()
 
 

@@ -24,7 +24,7 @@ from ...data import instructions, load_dataset, sample
 from ...directions.base import DirectionSet
 from ...generation import generate
 from ...hooks import apply_hooks
-from ...interventions import InterventionSpec, applied
+from ...interventions import InterventionSpec, Replacement, applied
 from ...selection import MethodSelection
 from ..plan import build_for_capability, generation_groups, plan_interventions
 from ..store import Run, RunError, timed, valid_json, valid_jsonl
@@ -46,12 +46,16 @@ def eval_prompt_sets(config: RunConfig) -> dict[str, list[dict]]:
 
 
 def infer(run: Run, selections: dict[str, MethodSelection] | None = None,
-          sets: dict[str, DirectionSet] | None = None) -> list[InterventionSpec]:
-    """Completions of every evaluation set under every planned intervention; returns the plan."""
+          sets: dict[str, DirectionSet] | None = None, plan: list[InterventionSpec] | None = None) -> list[InterventionSpec]:
+    """Completions of every evaluation set under every planned intervention; returns the plan.
+
+    ``plan``: the interventions to generate under (default: ``plan.plan_interventions`` of the
+    selections; an evaluate-model run passes its own, with ``sets`` holding what its specs build from).
+    """
     config = run.config
-    sets = sets or load_extraction(run).direction_sets
-    selections = selections or load_selection(run)
-    plan = plan_interventions(run, selections, sets)
+    sets = load_extraction(run).direction_sets if sets is None else sets
+    if plan is None:
+        plan = plan_interventions(run, selections or load_selection(run), sets)
     key = run.stage_key("infer")
     write_json(run.path("infer", "plan.json"), {"key": key, "interventions": [s.to_dict() for s in plan]})
     prompt_sets = eval_prompt_sets(config)
@@ -115,7 +119,13 @@ def _generation_setup(run: Run, plan: list[InterventionSpec], sets: dict[str, Di
 
     @contextmanager
     def load(spec: InterventionSpec, sign: float | None) -> Iterator[str]:
-        slots.load(spec.build(sets, sign))
+        built = spec.build(sets, sign)
+        if isinstance(built, Replacement):  # another model's weights, copied into the same tensors
+            slots.load(None)
+            with applied(run.adapter, built) as how:
+                yield how
+            return
+        slots.load(built)
         yield "slots"
 
     with apply_hooks(slots.hooks()):
