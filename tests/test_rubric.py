@@ -154,4 +154,4 @@ def test_a_grader_without_chat_template_is_not_run(tmp_path):
     make_model("llama", n_layers=1, d_model=16).save_pretrained(tmp_path)
     make_tokenizer(chat_template=None).save_pretrained(tmp_path)
     out = run_rubric_judge(str(tmp_path), [[("p", "r")]], device="cpu")
-    assert out[0]["status"] == "not run"
+    assert out[0]["status"] == "not run" and "no chat template" in out[0]["reason"]
