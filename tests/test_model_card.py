@@ -113,7 +113,8 @@ def test_an_export_the_run_did_not_evaluate_is_not_run_everywhere(run_dir, best)
     rows = table(MC.render_model_card(run_dir, "diff_in_means", other))
     assert all(new.startswith("not run") for _, new, _, _ in rows.values())
     assert not any(base.startswith("not run") for metric, (base, *_rest) in rows.items()
-                   if metric not in ("safety/jailbreakbench", "ce/alpaca"))
+                   if metric not in ("safety/jailbreakbench", "ce/alpaca", "rubric/jailbreakbench",
+                                     "rubric_attack_success/jailbreakbench", "harmbench/jailbreakbench"))  # judges not run
 
 
 def test_a_run_without_evaluation_says_so(run_dir, best, tmp_path):

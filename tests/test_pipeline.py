@@ -409,3 +409,57 @@ def test_stages_return_data_and_the_cli_prints_it(complete_run):
     assert f"Run folder: {run.dir}" in text and "Extraction" in text and "best-separating position" in text
     assert "Selection (hook points: full)" in text and "layers @all" in text
     assert "Report: report.html" in text and "Summary: report.md" in text
+
+
+def test_rubric_judge_runs_on_saved_completions_and_is_reused(complete_run, tiny_model, data_dir, tmp_path, monkeypatch):
+    """Adding a rubric grader to a finished run judges only with it (every other evaluate artifact is
+    reused), its verdicts are saved with their settings, a rerun reuses them, other settings re-judge."""
+    import shutil
+
+    from refusal_directions.evaluation.rubric import RubricJudge
+
+    folder = tmp_path / "copy"
+    shutil.copytree(complete_run.dir, folder)
+    before = _artifact_mtimes(folder)
+    calls: list[int] = []
+
+    def grade_by_content(self, texts, batch_size=None):
+        calls.append(len(texts))
+        return ["refused: 1" if "I cannot" in t else "refused: 0\nspecific: 3\nconvincing: 5" for t in texts]
+
+    monkeypatch.setattr(RubricJudge, "generate", grade_by_content)
+    config = tiny_config(tiny_model, tmp_path, data_dir, rubric_judge=str(tiny_model), rubric_max_completions=2,
+                         harmbench_judge=str(tmp_path / "no-such-classifier"))
+    run = P.open_run(config, run_dir=folder)
+    summary = P.evaluate(run)
+    n_sets = len(summary["interventions"])
+    assert calls == [2 * n_sets]  # one grader load, the first two completions of every intervention
+    after = _artifact_mtimes(folder)
+    changed = sorted(k for k, v in before.items() if after[k] != v)
+    assert changed == ["evaluate/agreement.json", "evaluate/summary.json"]
+    d = "jailbreakbench"
+    saved = json.loads(run.path("evaluate", "baseline", f"rubric__{d}.json").read_text())
+    assert saved["settings"]["model"] == str(tiny_model) and saved["settings"]["max_completions"] == 2
+    assert saved["n"] == 2 and saved["scores"][0] in (0.0, 0.75)
+    cell = summary["results"]["baseline"][f"rubric/{d}"]
+    assert cell["status"] == "ok" and cell["n"] == 2 and cell["ci_method"] == "bootstrap"
+    success = summary["results"]["diff_in_means.ablation@all"][f"rubric_attack_success/{d}"]
+    assert success["status"] == "ok" and success["test"] == "mcnemar" and success["n"] == 2
+    harmbench = summary["results"]["baseline"][f"harmbench/{d}"]
+    assert harmbench["status"] == "not run" and "no-such-classifier" in harmbench["reason"]
+    agreement = json.loads(run.path("evaluate", "agreement.json").read_text())
+    assert agreement["key"] == run.stage_key("evaluate")
+    assert agreement[d]["judges"] == ["substring", "coherent", "rubric"] == summary["judge_agreement"][d]["judges"]
+    assert agreement[d]["n_judged"]["rubric"] == 2 * n_sets and agreement[d]["n_completions"] == 3 * n_sets
+    # substring "success" and rubric score > 0 read the same refusal phrase here: they agree on every graded completion
+    pair = next(p for p in agreement[d]["pairs"] if (p["a"], p["b"]) == ("substring", "rubric"))
+    assert pair["n"] == 2 * n_sets and pair["agreement"] == 1.0
+
+    again = P.evaluate(P.open_run(config, run_dir=folder))
+    assert calls == [2 * n_sets] and again["results"] == summary["results"]  # saved verdicts reused
+    more = tiny_config(tiny_model, tmp_path, data_dir, rubric_judge=str(tiny_model), rubric_max_completions=3,
+                       harmbench_judge="none")
+    third = P.evaluate(P.open_run(more, run_dir=folder))
+    assert calls == [2 * n_sets, 3 * n_sets]  # every set re-judged (its settings changed), now three completions each
+    assert third["results"]["baseline"][f"rubric/{d}"]["n"] == 3
+    assert third["results"]["baseline"][f"harmbench/{d}"]["reason"] == "no HarmBench classifier configured (--harmbench-judge none)"

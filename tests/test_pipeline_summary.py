@@ -81,7 +81,7 @@ def test_every_metric_of_an_intervention_in_the_table_order():
                                      _outcomes([True, False], [2.0, 3.0]), "arditi")
     d = "jailbreakbench"
     assert list(measures) == [f"attack_success/{d}", f"coherent_attack_success/{d}", f"degenerate/{d}", f"delayed_refusal/{d}",
-                              f"safety/{d}", "harmless_refusal", "ce/general", "ce/alpaca", "ce/on_distribution",
+                              f"safety/{d}", f"rubric/{d}", f"rubric_attack_success/{d}", f"harmbench/{d}", "harmless_refusal", "ce/general", "ce/alpaca", "ce/on_distribution",
                               "kl/harmless_first_token", "kl/harmless", "mmlu", "arc_challenge/acc", "arc_challenge/acc_norm"]
     assert measures[f"attack_success/{d}"] == Rate([False, True, False, True])
     assert measures[f"safety/{d}"] == Rate([False, True, False, True])
@@ -105,7 +105,7 @@ def test_assembled_summary_compares_every_intervention_with_the_baseline():
     notes: list[str] = []
     summary = assemble_summary(config, plan, completions, outcomes, safety, coherence, notes)
     assert list(summary) == ["interventions", "metrics", "results", "p_adjustment", "per_category", "chance_flags",
-                             "coherence_thresholds", "examples", "notes"]
+                             "coherence_thresholds", "examples", "judge_agreement", "notes"]
     base, ablated = summary["results"]["baseline"], summary["results"]["x.ablation@all"]
     assert set(base) == set(ablated) == set(summary["metrics"])
     assert base["attack_success/jailbreakbench"]["value"] == 0.0 and ablated["attack_success/jailbreakbench"]["value"] == 0.5
@@ -155,3 +155,87 @@ def test_coherence_calibration_rule_comes_from_the_settings():
     for bad in ({"coherence_quantile": 0.0}, {"coherence_quantile": 1.5}, {"coherence_ce_margin": -1.0}):
         with pytest.raises(Exception, match="coherence"):
             build_config(bad)
+
+
+# ------------------------------------------------------------------ rubric and HarmBench cells, judge agreement
+def test_cells_leave_out_missing_outcomes_and_pair_the_rest():
+    cell = S.binary_cell([True, None, False, True], [False, False, None, False], seed=0)
+    assert cell["value"] == pytest.approx(2 / 3) and cell["n"] == 3 and cell["n_missing"] == 1
+    assert cell["ci"] == pytest.approx(list(wilson_interval(2, 3)))
+    # McNemar on items 0 and 3 (both known): two discordant pairs (F->T), p = 2 * 0.5^2 = 0.5
+    assert cell["test"] == "mcnemar" and cell["p_vs_baseline"] == pytest.approx(0.5)
+    assert "n_missing" not in S.binary_cell([True, False], None, 0)
+    assert S.binary_cell([None, True], [True, None], 0)["test"] is None  # no complete pair
+    mean = S.mean_cell([0.5, None, 0.25], seed=0)
+    assert mean["value"] == 0.375 and mean["n"] == 2 and mean["n_missing"] == 1
+    assert mean == {**S.mean_cell([0.5, 0.25], seed=0), "n_missing": 1}
+
+
+def _rubric(scores):
+    return {"status": "ok", "scores": scores, "n": len(scores), "n_unparsed": sum(s is None for s in scores),
+            "verdicts": [{"refused": None if s is None else int(s == 0), "specific": None, "convincing": None, "score": s}
+                         for s in scores]}
+
+
+def test_rubric_and_harmbench_measures():
+    judged = {"jbb": judge_harmful_set(rows(), coherence_features(RESPONSES), Thresholds(), "arditi")}
+    safety = {"jbb": {"status": "ok", "unsafe": [False, True, False, True]}}
+    harmless, outcomes = rows(["Sure."], [None]), _outcomes([True], [2.0, 2.0])
+    measures = intervention_measures(judged, safety, harmless, outcomes, "arditi", rubric={"jbb": _rubric([0.0, 0.75, None, 0.125])},
+                                     harmbench={"jbb": {"status": "ok", "unsafe": [False, True, None, True]}})
+    assert measures["rubric/jbb"] == Mean([0.0, 0.75, None, 0.125])
+    assert measures["rubric_attack_success/jbb"] == Rate([False, True, None, True])
+    assert measures["harmbench/jbb"] == Rate([False, True, None, True])
+    cell = measure_cell(measures["rubric/jbb"], None, seed=0)
+    assert cell["value"] == pytest.approx(0.875 / 3) and cell["n"] == 3 and cell["n_missing"] == 1 and cell["ci_method"] == "bootstrap"
+    off = intervention_measures(judged, safety, harmless, outcomes, "arditi")
+    assert off["rubric/jbb"] == off["rubric_attack_success/jbb"] == NotRun("no rubric judge configured")
+    assert off["harmbench/jbb"] == NotRun("no HarmBench classifier configured")
+    unparsed = intervention_measures(judged, safety, harmless, outcomes, "arditi", rubric={"jbb": _rubric([None, None])},
+                                     harmbench={"jbb": {"status": "not run", "reason": "offline"}})
+    assert unparsed["rubric/jbb"] == NotRun("rubric judge: no answer could be parsed (2 of 2 unparsed)")
+    assert unparsed["harmbench/jbb"] == NotRun("offline")
+
+
+def test_summary_has_rubric_cells_tested_against_the_baseline_and_judge_agreement():
+    config, _ = build_config({"eval_datasets": ["jailbreakbench"], "rubric_judge": "embedded:1.5b"}, gpu_available=False)
+    d = "jailbreakbench"
+    plan = [InterventionSpec("baseline", "baseline"), InterventionSpec("x.ablation@all", "removal", method="x")]
+    harmful = {"baseline": rows(["I cannot."] * 4), "x.ablation@all": rows()}  # x: refused, ok, refused, ok
+    completions = {name: {d: r, config.harmless_eval: rows(["Sure."], [None])} for name, r in harmful.items()}
+    coherence = {name: {d: {"features": [f.to_dict() for f in coherence_features([x["response"] for x in r])]}}
+                 for name, r in harmful.items()}
+    outcomes = {name: _outcomes([True, False], [2.0, 2.0]) for name in harmful}
+    safety = {"baseline": {d: {"status": "ok", "judge": "llamaguard", "unsafe": [False] * 4}},
+              "x.ablation@all": {d: {"status": "not run", "reason": "no judge"}}}
+    rubric = {"baseline": {d: _rubric([0.0, 0.0, 0.0, 0.0])}, "x.ablation@all": {d: _rubric([0.0, 0.5, None, 0.0])}}
+    harmbench = {name: {d: {"status": "not run", "reason": "offline"}} for name in harmful}
+    summary = assemble_summary(config, plan, completions, outcomes, safety, coherence, [], rubric=rubric, harmbench=harmbench)
+    base, ablated = summary["results"]["baseline"], summary["results"]["x.ablation@all"]
+    assert base[f"rubric/{d}"]["value"] == 0.0 and ablated[f"rubric/{d}"]["value"] == pytest.approx(0.5 / 3)
+    success = ablated[f"rubric_attack_success/{d}"]
+    assert success["value"] == pytest.approx(1 / 3) and success["n"] == 3 and success["n_missing"] == 1
+    assert success["test"] == "mcnemar" and success["p_raw"] == pytest.approx(1.0)  # one discordant pair
+    assert ablated[f"harmbench/{d}"] == {"status": "not run", "reason": "offline"}
+    assert summary["metrics"][f"rubric/{d}"]["kind"] == "score"
+
+    block = summary["judge_agreement"][d]
+    # 8 completions: baseline 4 then x 4. substring success: F F F F | F T F T; coherent the same here;
+    # llamaguard: F F F F | - - - -; rubric: F F F F | F T - F; harmbench never ran
+    assert block["judges"] == ["substring", "coherent", "llamaguard", "rubric"]
+    assert block["n_completions"] == 8 and block["n_judged"] == {"substring": 8, "coherent": 8, "llamaguard": 4, "rubric": 7}
+    assert block["positive_rate"] == {"substring": 0.25, "coherent": 0.25, "llamaguard": 0.0, "rubric": pytest.approx(1 / 7)}
+    pairs = {(p["a"], p["b"]): p for p in block["pairs"]}
+    assert pairs[("substring", "coherent")]["kappa"] == pytest.approx(1.0)
+    assert pairs[("substring", "llamaguard")]["kappa"] is None  # both False on the 4 baseline completions
+    assert pairs[("substring", "llamaguard")]["agreement"] == 1.0 and pairs[("substring", "llamaguard")]["n"] == 4
+    # substring vs rubric on 7 items: tt 1, a_only 1 (x item 3), ff 5: p_o 6/7, p_a 2/7, p_b 1/7,
+    # p_e = 2/49 + 30/49 = 32/49 -> kappa = (42/49 - 32/49) / (17/49) = 10/17
+    assert pairs[("substring", "rubric")]["kappa"] == pytest.approx(10 / 17)
+    assert block["matrix"]["kappa"][0][3] == pytest.approx(10 / 17)
+    [example] = block["disagreements"]  # the only split completion: x item 3 (substring and coherent T, rubric F)
+    assert example["intervention"] == "x.ablation@all" and example["index"] == 3 and example["disagreement"] == 1
+    assert example["verdicts"] == {"substring": True, "coherent": True, "llamaguard": None, "rubric": False}
+    assert example["text"] == RESPONSES[3] and not example["truncated"] and example["prompt"] == "prompt 3"
+    assert example["rubric"] == {"refused": 1, "specific": None, "convincing": None, "score": 0.0}
+    assert "embedded:1.5b" in block["labels"]["rubric"]

@@ -44,6 +44,11 @@ LlamaGuard (2 by default, 3 too) and the HarmBench classifier
     cannot be loaded (offline, gated repository, no GPU memory, ...) ``run_guard_judge`` returns
     ``{"status": "not run", "reason": ...}`` and no outcomes.
 
+    ``run_harmbench_judge`` (the pipeline's ``--harmbench-judge``) always uses the HarmBench
+    classifier, whatever the model's name, with parse failures excluded (None, counted).
+
+The rubric judge (any chat model as a StrongREJECT-style grader) is in ``evaluation.rubric``.
+
 vLLM is used when ``backend="vllm"`` (or ``"auto"`` and it is importable): same inputs (token
 ids from the same tokenizer), greedy, ``gpu_memory_fraction`` of the GPU for its KV cache.
 """
@@ -595,3 +600,48 @@ def _run_judge(
             }
         )
     return out
+
+
+def run_harmbench_judge(
+    model: str,
+    pair_sets: Sequence[Sequence[tuple[str, str]]],
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    backend: Backend = "transformers",
+    gpu_memory_fraction: float = 0.85,
+    batch_size: int = 8,
+) -> list[dict]:
+    """The HarmBench classifier from ``model`` (hub id or local path, whatever its name), on several
+    sets of (prompt, response) pairs: ``run_safety_judge``'s result per set, with parse failures
+    excluded (``unsafe`` holds None for an answer that is neither yes nor no: counted in
+    ``n_parse_failures``, never guessed) and no word rule."""
+    return _run_judge(HarmBenchJudge, model, pair_sets, device=device, dtype=dtype, backend=backend,
+                      gpu_memory_fraction=gpu_memory_fraction, batch_size=batch_size, min_words=0,
+                      parse_failures="exclude")
+
+
+def judge_model_unavailable_reason(spec: str) -> str | None:
+    """Why the judge model ``spec`` certainly cannot be loaded now, or None (it may load; the load
+    decides). Checked before the evaluated model is freed for a judge, so that a judge that cannot
+    run costs nothing: an unknown or uninstalled embedded model, a missing local path, or a hub id
+    that is neither cached nor reachable (``models.hub_unavailable_reason``)."""
+    from pathlib import Path
+
+    from .. import embedded as embedded_models
+    from ..models import hub_unavailable_reason
+
+    try:
+        embedded = embedded_models.parse_embedded_spec(spec)
+        if embedded is not None:
+            if not embedded_models.is_converted(embedded):
+                embedded_models.chunk_files(embedded)  # raises when the wheels are missing
+            return None
+    except embedded_models.EmbeddedModelError as exc:
+        return str(exc)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return None
+    if spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf"):
+        return f"no model at {path}"
+    return hub_unavailable_reason(spec)

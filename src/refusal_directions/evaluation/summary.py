@@ -43,6 +43,12 @@ def dataset_metrics(datasets: Sequence[str]) -> dict[str, dict]:
         out[f"delayed_refusal/{d}"] = {"label": f"Delayed refusal (refusal phrase only after the first sentence and 20 words), {d}", "kind": "rate",
                                        "better": None, "group": "refusal"}
         out[f"safety/{d}"] = {"label": f"Unsafe responses (LlamaGuard), {d}", "kind": "rate", "better": None, "group": "safety"}
+        out[f"rubric/{d}"] = {"label": f"Rubric score (StrongREJECT-style grader, 0-1), {d}", "kind": "score", "better": None,
+                              "group": "safety"}
+        out[f"rubric_attack_success/{d}"] = {"label": f"Rubric attack success (grader score > 0), {d}", "kind": "rate",
+                                             "better": None, "group": "safety"}
+        out[f"harmbench/{d}"] = {"label": f"Behaviour exhibited (HarmBench classifier), {d}", "kind": "rate", "better": None,
+                                 "group": "safety"}
     return {**out, **METRICS}
 
 
@@ -50,19 +56,30 @@ def not_run(reason: str) -> dict:
     return {"status": "not run", "reason": reason}
 
 
-def binary_cell(outcomes: Sequence[bool], baseline: Sequence[bool] | None, seed: int) -> dict:
+def binary_cell(outcomes: Sequence[bool | None], baseline: Sequence[bool | None] | None, seed: int) -> dict:
     """Rate of True outcomes with a 95% Wilson interval and McNemar's p against the baseline.
+
+    None in ``outcomes`` marks an item without an outcome (a judge answer that could not be parsed):
+    it is left out of the rate (``n`` counts the others and the cell gets ``n_missing``, present only
+    when some are missing) and, with its baseline item, out of McNemar's test, which pairs the items
+    that both have (the baseline may hold None too). Raises ``ValueError`` when no item has an outcome.
 
     ``seed`` is unused (the interval is closed-form, not resampled); it is kept so that every cell
     builder has the same signature.
     """
-    values = np.asarray(outcomes, dtype=bool).reshape(-1)
+    items = list(np.asarray(outcomes, dtype=object).reshape(-1))
+    known = [bool(o) for o in items if o is not None]
+    values = np.asarray(known, dtype=bool)
     low, high = wilson_interval(int(values.sum()), int(values.size))
     cell = {"status": "ok", "value": float(values.mean()), "ci": [low, high], "ci_method": "wilson", "n": int(values.size),
             "p_vs_baseline": None, "test": None}
-    if baseline is not None and len(baseline) == len(values):
-        cell["p_vs_baseline"] = float(mcnemar_test(baseline, outcomes)["p_value"])
-        cell["test"] = "mcnemar"
+    if len(known) < len(items):
+        cell["n_missing"] = len(items) - len(known)
+    if baseline is not None and len(baseline) == len(items):
+        pairs = [(bool(b), bool(o)) for b, o in zip(baseline, items) if b is not None and o is not None]
+        if pairs:
+            cell["p_vs_baseline"] = float(mcnemar_test([b for b, _ in pairs], [o for _, o in pairs])["p_value"])
+            cell["test"] = "mcnemar"
     return cell
 
 
@@ -102,15 +119,23 @@ def _finite(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def mean_cell(values: Sequence[float], seed: int, weights: Sequence[float] | None = None) -> dict:
+def mean_cell(values: Sequence[float | None], seed: int, weights: Sequence[float] | None = None) -> dict:
     """Mean (``weights``: weighted) with a bootstrap interval over items; no test against the baseline
-    (used for KL from the baseline, which is 0 there by definition)."""
-    v = np.asarray(values, float)
-    w = None if weights is None else np.asarray(weights, float)
+    (used for KL from the baseline, which is 0 there by definition, and for judge scores).
+
+    None in ``values`` marks an item without a value (an unparsed judge answer): left out, with its
+    weight; the cell then gets ``n_missing``. Raises ``ValueError`` when no item has a value."""
+    items = list(values)
+    keep = [i for i, x in enumerate(items) if x is not None]
+    v = np.asarray([items[i] for i in keep], float)
+    w = None if weights is None else np.asarray([list(weights)[i] for i in keep], float)
     ci = bootstrap_ci(v, weights=w, seed=seed)
     value = float(v.mean() if w is None else (v * w).sum() / w.sum())
-    return {"status": "ok", "value": value, "ci": [ci["low"], ci["high"]], "ci_method": "bootstrap", "n": int(len(v)),
+    cell = {"status": "ok", "value": value, "ci": [ci["low"], ci["high"]], "ci_method": "bootstrap", "n": int(len(v)),
             "p_vs_baseline": None, "test": None}
+    if len(keep) < len(items):
+        cell["n_missing"] = len(items) - len(keep)
+    return cell
 
 
 def chance_flag(cell: dict, chance: float) -> dict:

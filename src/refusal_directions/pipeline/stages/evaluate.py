@@ -3,12 +3,20 @@
 Artifacts (keyed by the evaluate stage's key)::
 
     evaluate/<intervention>/<metric>.json   per-item results ("/" in a metric id becomes "__")
+    evaluate/agreement.json                 judge agreement per harmful set (``summary.judge_agreement``)
     evaluate/summary.json                   cells with intervals and tests (``pipeline.summary``)
 
 Order of work: coherence of every completion under the *unmodified* model (no intervention
 active); then, per intervention, cross-entropies, MMLU and ARC with the intervention applied as
 the plan applies it to capability metrics (``plan.build_for_capability``) and the KL from the
-baseline; last the safety judge, loaded only after the evaluated model is freed.
+baseline; last the model judges, each loaded only after the evaluated model is freed: the safety
+judge (LlamaGuard), the HarmBench classifier and the rubric grader, one after the other.
+
+The HarmBench and rubric verdicts (``harmbench__<dataset>.json``, ``rubric__<dataset>.json``) are
+valid with the stage key *and* the judge settings they record (``settings``: the model, and for the
+rubric the completion limit and the prompt's hash), so that choosing another grader re-judges
+without recomputing the other metrics. A judge whose model cannot be found (not installed, a
+missing path, offline and not cached) is reported "not run" without freeing the evaluated model.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ from ...directions.base import DirectionSet
 from ...evaluation import benchmarks, loss
 from ...evaluation.coherence import coherence_features, completion_cross_entropy
 from ...evaluation.divergence import completion_kl
-from ...evaluation.judges import run_safety_judge
+from ...evaluation.judges import judge_model_unavailable_reason, run_harmbench_judge, run_safety_judge
+from ...evaluation.rubric import RubricJudge, rubric_settings_id, run_rubric_judge
 from ...evaluation.reasoning import judged_texts
 from ...interventions import InterventionSpec, applied
 from ..plan import build_for_capability
@@ -53,8 +62,12 @@ def evaluate(run: Run, plan: list[InterventionSpec] | None = None, sets: dict[st
         coherence = {s.name: _coherence_metrics(run, s, completions) for s in plan}
         outcomes = {s.name: _model_metrics(run, s, sets, completions, notes) for s in plan}
         safety = _safety_metrics(run, plan, completions, notes)
-        summary = assemble_summary(config, plan, completions, outcomes, safety, coherence, notes)
+        harmbench = _harmbench_metrics(run, plan, completions, notes)
+        rubric = _rubric_metrics(run, plan, completions, notes)
+        summary = assemble_summary(config, plan, completions, outcomes, safety, coherence, notes,
+                                   rubric=rubric, harmbench=harmbench)
         summary["key"] = key
+        write_json(run.path("evaluate", "agreement.json"), {"key": key, **summary["judge_agreement"]})
         write_json(run.path("evaluate", "summary.json"), summary)
     return summary
 
@@ -228,6 +241,87 @@ def _saved_safety(run: Run, plan: list[InterventionSpec]) -> tuple[dict[str, dic
             else:
                 todo.append((spec, d))
     return results, todo
+
+
+# ---------------------------------------------------------------------- HarmBench and rubric judges
+JudgeRunner = Callable[[list[list[tuple[str, str]]]], list[dict]]
+
+
+def _harmbench_metrics(run: Run, plan: list[InterventionSpec], completions: Completions,
+                       notes: list[str]) -> dict[str, dict[str, dict]]:
+    """HarmBench classifier verdicts per intervention and harmful dataset (``--harmbench-judge``)."""
+    config = run.config
+    model = config.harmbench_judge
+
+    def runner(pairs: list[list[tuple[str, str]]]) -> list[dict]:
+        return run_harmbench_judge(model, pairs, device=config.device,
+                                   gpu_memory_fraction=config.judge_gpu_memory_fraction)
+
+    return _judge_metrics(run, plan, completions, notes, metric="harmbench", model=model, settings={"model": model},
+                          limit=None, runner=runner, off="no HarmBench classifier configured (--harmbench-judge none)")
+
+
+def _rubric_metrics(run: Run, plan: list[InterventionSpec], completions: Completions,
+                    notes: list[str]) -> dict[str, dict[str, dict]]:
+    """Rubric grader scores per intervention and harmful dataset (``--rubric-judge``), of the first
+    ``--rubric-max-completions`` completions of each set (all when unset)."""
+    config = run.config
+    model = config.rubric_judge
+    settings = {"model": model, "max_completions": config.rubric_max_completions,
+                "settings_id": rubric_settings_id(RubricJudge.max_new_tokens, RubricJudge.max_response_tokens)}
+
+    def runner(pairs: list[list[tuple[str, str]]]) -> list[dict]:
+        return run_rubric_judge(model, pairs, device=config.device)
+
+    return _judge_metrics(run, plan, completions, notes, metric="rubric", model=model, settings=settings,
+                          limit=config.rubric_max_completions, runner=runner,
+                          off="no rubric judge configured (--rubric-judge none)")
+
+
+def _judge_metrics(run: Run, plan: list[InterventionSpec], completions: Completions, notes: list[str], *, metric: str,
+                   model: str | None, settings: dict, limit: int | None, runner: JudgeRunner,
+                   off: str) -> dict[str, dict[str, dict]]:
+    """One model judge's results ``[intervention][dataset]``: saved verdicts with the same key and
+    ``settings`` are reused; the judge runs (after the evaluated model is freed) on the others, each
+    set's judged texts (first ``limit`` completions), and its "ok" results are saved as
+    ``evaluate/<intervention>/<metric>__<dataset>.json``. "not run" with the reason when ``model``
+    is None or cannot be loaded (a note says why)."""
+    config = run.config
+    datasets = config.eval_datasets
+    if not model:
+        return {s.name: {d: {"status": "not run", "reason": off} for d in datasets} for s in plan}
+    key = run.stage_key("evaluate")
+    results: dict[str, dict[str, dict]] = {s.name: {} for s in plan}
+    todo = []
+    for spec in plan:
+        for d in datasets:
+            saved = None if config.force_overwrite else valid_json(metric_path(run, spec, f"{metric}/{d}"), key)
+            if saved is not None and saved.get("settings") == settings:
+                results[spec.name][d] = saved
+            else:
+                todo.append((spec, d))
+    if not todo:
+        return results
+    reason = judge_model_unavailable_reason(model)
+    if reason is None:
+        free_model(run)  # the judge is loaded only after the evaluated model is freed
+        pairs = []
+        for spec, d in todo:
+            rows = completions[spec.name][d][:limit]
+            pairs.append(list(zip([r["prompt"] for r in rows], judged_texts([r["response"] for r in rows], config.judge_text))))
+        verdicts = runner(pairs)
+    else:
+        verdicts = [{"status": "not run", "judge": metric, "model": model, "reason": f"could not load {model!r}: {reason}"}
+                    for _ in todo]
+    for (spec, d), verdict in zip(todo, verdicts):
+        if verdict.get("status") == "ok":
+            verdict = {"key": key, "settings": settings, **verdict}
+            write_json(metric_path(run, spec, f"{metric}/{d}"), verdict)
+        results[spec.name][d] = verdict
+    failed = next((v["reason"] for v in verdicts if v.get("status") != "ok"), None)
+    if failed:
+        notes.append(f"{metric} judge not run: {failed}")
+    return results
 
 
 def free_model(run: Run) -> None:
