@@ -45,3 +45,28 @@ def test_no_intervention_gives_zero():
     adapter = make_adapter("qwen2", n_layers=2)
     got = completion_kl(adapter, PROMPTS, COMPLETIONS, nullcontext, n_tokens=8, batch_size=3)
     assert max(got.mean_per_token) < 1e-6 and max(got.first_token) < 1e-6
+
+
+def test_reused_baseline_logits_give_the_same_kl_with_one_forward_per_batch_less():
+    adapter = make_adapter("llama", n_layers=3)
+    steers = [ActAdd(s * torch.nn.functional.normalize(torch.randn(64), dim=0), layer=1) for s in (1.0, 3.0)]
+    fresh = [completion_kl(adapter, PROMPTS, COMPLETIONS, lambda s=s: intervene(adapter, s), n_tokens=5, batch_size=2)
+             for s in steers]
+    calls = []
+    handle = adapter.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    reuse: dict = {}
+    try:
+        reused = [completion_kl(adapter, PROMPTS, COMPLETIONS, lambda s=s: intervene(adapter, s), n_tokens=5,
+                                batch_size=2, reuse=reuse) for s in steers]
+    finally:
+        handle.remove()
+    assert [r.to_dict() for r in reused] == [f.to_dict() for f in fresh]
+    assert len(calls) == 2 + 2 + 2  # two batches: baseline + intervened, then intervened only
+
+
+def test_the_unmodified_model_has_zero_kl_without_a_forward():
+    adapter = make_adapter("llama", n_layers=3)
+    computed = completion_kl(adapter, PROMPTS, COMPLETIONS, nullcontext, n_tokens=5, batch_size=2)
+    skipped = completion_kl(adapter, PROMPTS, COMPLETIONS, None, n_tokens=5, batch_size=2)
+    assert skipped.to_dict() == computed.to_dict()
+    assert skipped.first_token == [0.0, 0.0, 0.0] and skipped.n_tokens == [5, 4, 1]

@@ -48,42 +48,52 @@ def _sequences(adapter: ModelAdapter, prompts: Sequence[str], completions: Seque
     return sequences, prompt_lengths
 
 
+REUSE_LIMIT_BYTES = 4 * 2**30  # baseline log-probabilities kept for reuse across interventions, at most
+
+
 @torch.inference_mode()
 def completion_kl(
     adapter: ModelAdapter,
     prompts: Sequence[str],
     completions: Sequence[str],
-    intervened: Callable[[], AbstractContextManager],
+    intervened: Callable[[], AbstractContextManager] | None,
     *,
     n_tokens: int = 32,
     batch_size: int = 8,
     desc: str = "KL",
+    reuse: dict | None = None,
 ) -> CompletionKL:
     """KL(baseline || intervened) on (prompt, baseline completion) pairs; see the module docstring.
 
-    ``intervened()``: a fresh context manager that applies the intervention (hooks) while open.
+    ``intervened()``: a fresh context manager that applies the intervention (hooks) while open;
+    None: the unmodified model itself, whose KL is exactly 0 (nothing is computed).
+    ``reuse``: a dict the caller keeps across calls with the same prompts and completions (one per
+    intervention): the baseline's logits of each batch are stored there once (up to
+    ``REUSE_LIMIT_BYTES``) and reused, so later calls run the intervened forward only.
     Right-padded batches: under causal attention no real token sees the padding after it.
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     sequences, starts = _sequences(adapter, prompts, completions, n_tokens)
     first, mean, count = [0.0] * len(prompts), [0.0] * len(prompts), [0] * len(prompts)
+    if intervened is None:
+        count = [max(starts[i], len(s) - 1) - (starts[i] - 1) for i, s in enumerate(sequences)]
+        return CompletionKL(first, mean, count, n_tokens)
+    stored = _reuse_slot(reuse, adapter, sequences, starts, batch_size)
     pad = adapter.tokenizer.pad_token_id if adapter.tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         batch = order[b : b + batch_size]
-        width = max(len(sequences[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, : len(sequences[i])] = torch.as_tensor(sequences[i])
-            mask[row, : len(sequences[i])] = 1
-        inputs = {"input_ids": ids.to(adapter.input_device), "attention_mask": mask.to(adapter.input_device)}
+        inputs = _right_padded(adapter, [sequences[i] for i in batch], pad)
         # Positions predicting completion tokens: start-1 .. len-2 (start-1 alone when it is empty).
         spans = [(starts[i] - 1, max(starts[i], len(sequences[i]) - 1)) for i in batch]
-        base = adapter.model(**inputs, use_cache=False).logits
-        picked = [base[row, lo:hi] for row, (lo, hi) in enumerate(spans)]
-        del base
+        picked = stored.get(b) if stored is not None else None
+        if picked is None:
+            base = adapter.model(**inputs, use_cache=False).logits
+            picked = [base[row, lo:hi].clone() for row, (lo, hi) in enumerate(spans)]
+            del base
+            if stored is not None:
+                stored[b] = picked
         with intervened():
             new = adapter.model(**inputs, use_cache=False).logits
         for row, (i, (lo, hi)) in enumerate(zip(batch, spans)):
@@ -91,3 +101,27 @@ def completion_kl(
             first[i], mean[i], count[i] = float(kl[0]), float(kl.mean()), int(kl.numel())
         del new
     return CompletionKL(first, mean, count, n_tokens)
+
+
+def _right_padded(adapter: ModelAdapter, sequences: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` [B, max length] of right-padded ``sequences``, on the input device."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(seq)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": ids.to(adapter.input_device), "attention_mask": mask.to(adapter.input_device)}
+
+
+def _reuse_slot(reuse: dict | None, adapter: ModelAdapter, sequences: list[list[int]], starts: list[int],
+                batch_size: int) -> dict | None:
+    """The per-batch store of baseline logits for these exact sequences in ``reuse`` (None: too large or no reuse)."""
+    if reuse is None:
+        return None
+    vocab = int(adapter.lm_head.weight.shape[0]) if getattr(adapter.lm_head, "weight", None) is not None else 0
+    scored = sum(max(st, len(s) - 1) - (st - 1) for s, st in zip(sequences, starts))
+    if not vocab or scored * vocab * 4 > REUSE_LIMIT_BYTES:
+        return None
+    key = (tuple(map(tuple, sequences)), tuple(starts), batch_size)
+    return reuse.setdefault(key, {})

@@ -50,6 +50,8 @@ class Run:
     the model is freed (before a safety judge is loaded). ``identity``: what the stage keys hash
     instead of the adapter's fingerprint (an evaluate-model run: both models' fingerprints);
     ``evaluate_model``: that run's description (``{"model": ..., "base": ... or None}``), else None.
+    ``scratch``: in-memory values shared between metrics of this process (the baseline logits the
+    KL of every intervention compares with), never written.
     """
 
     config: RunConfig
@@ -60,6 +62,7 @@ class Run:
     model_info: dict = field(default_factory=dict)
     identity: str | None = None
     evaluate_model: dict | None = None
+    scratch: dict = field(default_factory=dict)  # in-memory results shared by metrics within one process
 
     def path(self, *parts: str) -> Path:
         """A path inside the run folder."""

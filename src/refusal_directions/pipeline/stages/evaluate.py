@@ -194,9 +194,10 @@ def _harmless_kl(run: Run, spec: InterventionSpec, sets: dict[str, DirectionSet]
     ``Replacement``, another model's weights, is copied in and out per batch)."""
     base = completions["baseline"][run.config.harmless_eval]
     built = build_for_capability(spec, sets)
-    return completion_kl(run.adapter, [r["prompt"] for r in base], [r["response"] for r in base],
-                         lambda: applied(run.adapter, built, bake_weights=False), n_tokens=run.config.kl_tokens,
-                         batch_size=_metric_batch_size(run), desc=f"KL {spec.name}").to_dict()
+    intervened = None if spec.kind == "baseline" else (lambda: applied(run.adapter, built, bake_weights=False))
+    return completion_kl(run.adapter, [r["prompt"] for r in base], [r["response"] for r in base], intervened,
+                         n_tokens=run.config.kl_tokens, batch_size=_metric_batch_size(run), desc=f"KL {spec.name}",
+                         reuse=run.scratch.setdefault("kl_baseline_logits", {})).to_dict()
 
 
 # ---------------------------------------------------------------------- safety judge (model freed first)
