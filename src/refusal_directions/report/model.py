@@ -188,9 +188,9 @@ class Page:
         """Every image's file name (``<name>.png``) and PNG bytes, in page order."""
         found: dict[str, bytes] = {}
         for block in self.blocks:
-            for image in block.images if isinstance(block, Gallery) else [block]:
-                if isinstance(image, Image):
-                    found[f"{image.name}.png"] = image.png
+            for item in block.images if isinstance(block, Gallery) else [block]:
+                if isinstance(item, Image):
+                    found[f"{item.name}.png"] = item.png
         return found
 
 

@@ -9,12 +9,13 @@ costs only its own section (the blocks it appended so far stay, and the Notes sa
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from .. import __version__
 from ..artifacts import read_jsonl
+from ..selection import MethodSelection
 from .figures import (GEOMETRY_PLOTS, SELECTION_METRICS, figure_png, heatmap_figure, inlp_accuracy_figure,
                       pareto_figure, selection_figure)
 from .format import compress_layers, describe_intervention, fmt_num, format_interval, is_number, statistics_legend, visible_text
@@ -304,7 +305,7 @@ def inlp_section(page: Page, art: RunArtifacts) -> None:
         page.add(image("inlp_rank", figure_png(fig), "INLP k per (position, layer)"))
 
 
-def _inlp_components(acc: np.ndarray, sel: Any) -> list[tuple[int, int]]:
+def _inlp_components(acc: np.ndarray, sel: MethodSelection | None) -> list[tuple[int, int]]:
     """The selected component, then the next-ranked ones (by first accuracy without a selection), 5 at most."""
     selected = (sel.best.pos_index, sel.best.layer) if sel else None
     components: list[tuple[int, int]] = [selected] if selected else []
