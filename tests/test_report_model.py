@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from report_fixtures import NAN, write_fixture_run
 
@@ -82,3 +84,27 @@ def test_a_section_added_to_sections_appears_in_both_pages(tmp_path, monkeypatch
     assert "\n## Extra\n\n| run |\n|---|\n| Qwen/Qwen2.5-Coder-0.5B-Instruct |\n" in md
     assert "The broken section could not be rendered: ValueError(&#x27;boom&#x27;)" in html
     assert "The broken section could not be rendered: ValueError('boom')" in md
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_an_evaluate_model_run_has_its_own_header_in_both_pages(tmp_path, with_base):
+    from refusal_directions.report import describe_intervention, evaluate_model_title, load_run
+    from refusal_directions.report.sections import build_report
+
+    write_fixture_run(tmp_path, stages="infer")
+    manifest_path = tmp_path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    base = {"spec": "/models/base", "name": "base", "alias": "tiny", "fingerprint": "f0"} if with_base else None
+    manifest["evaluate_model"] = {"model": {"spec": "/models/export", "name": "exp", "alias": "abl", "fingerprint": "f1"},
+                                  "base": base}
+    manifest_path.write_text(json.dumps(manifest))
+    title = "Evaluate-model run: /models/export" + (" vs base /models/base" if with_base else " (no base)")
+    assert evaluate_model_title(manifest["evaluate_model"]) == title
+    page = build_report(load_run(tmp_path))
+    md, html_text = render_markdown(page), render_html(page)
+    assert page.title == title and md.startswith(f"# {title}\n") and f"<title>{title}</title>" in html_text
+    assert "| run kind | evaluate-model |" in md and "| evaluated model | exp (alias abl, fingerprint f1) |" in md
+    assert ("| base model | base (alias tiny" if with_base else "| base model | none given |") in md
+    assert "| methods |" not in md and "| positions |" not in md and "n_train" not in md.split("\n\n")[1]
+    assert "extract:" not in md and "select:" not in md  # the stages shown: infer and evaluate only
+    assert describe_intervention({"kind": "model"}) == "the evaluated model's own weights (evaluate-model run)"

@@ -14,7 +14,8 @@ JSON artifacts may hold NaN (Python's ``json`` writes and reads it); it is shown
 
 Modules, in import order (each imports only modules above it; docs/architecture.md has the table):
 
-* ``format``: text of numbers, intervals, summary cells, layers, interventions; the statistics legend.
+* ``format``: text of numbers, intervals, summary cells, layers, interventions, an evaluate-model run's
+  models and title; the statistics legend.
 * ``load``: ``RunArtifacts``, ``load_run`` and the summary accessors.
 * ``read_first``: the "Read this first" warnings.
 * ``model``: the page model: ``Page`` of blocks (headings, paragraphs, ``Table`` of ``Row``/``Cell``,
@@ -38,8 +39,8 @@ from __future__ import annotations
 from .compare import compare_runs
 from .figures import (GEOMETRY_PLOTS, METHOD_COLOURS, SELECTION_METRICS, figure_png, heatmap_figure,
                       inlp_accuracy_figure, pareto_figure, plot_selection, selection_figure, selection_grid)
-from .format import (compress_layers, describe_intervention, fmt_num, fmt_p, format_cell, format_interval, is_number,
-                     significance_mark, statistics_legend, visible_text)
+from .format import (compress_layers, describe_intervention, evaluate_model_title, fmt_num, fmt_p, format_cell,
+                     format_interval, is_number, model_text, significance_mark, statistics_legend, visible_text)
 from .html_page import CSS
 from .load import (METHOD_LABELS, METHOD_ORDER, STAGES, RunArtifacts, intervention_names, load_run, metric_label,
                    ordered_metrics)

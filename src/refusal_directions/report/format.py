@@ -1,8 +1,8 @@
 """Text of numbers, intervals, summary cells, layer lists and interventions (the report's leaf module).
 
 Owns how a value reads in every page: "n/a" for None/NaN, significance stars, "[lo, hi]" intervals,
-"0–2, 5" layer ranges, one-line intervention descriptions, the statistics legend of a summary, and
-control-character escaping of generated text. Imports nothing from the report.
+"0–2, 5" layer ranges, one-line intervention descriptions, the models and title of an evaluate-model
+run, the statistics legend of a summary, and control-character escaping of generated text. Imports nothing from the report.
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ def describe_intervention(spec: dict) -> str:
     kind = spec.get("kind", "?")
     if kind == "baseline":
         return "no intervention"
+    if kind == "model":
+        return "the evaluated model's own weights (evaluate-model run)"
     parts = [kind]
     if kind == "actadd":
         parts.append(f"c={fmt_num(spec.get('coefficient'), 2)} at layer {spec.get('layer')}")
@@ -103,6 +105,18 @@ def describe_intervention(spec: dict) -> str:
     if spec.get("method") == "leace" and kind != "actadd":
         parts.append("affine" if spec.get("affine", True) else "non-affine")
     return "; ".join(parts)
+
+
+def model_text(model: dict) -> str:
+    """A model recorded in the manifest: "name (alias a, fingerprint f)"."""
+    return f"{model.get('name') or 'unknown model'} (alias {model.get('alias', 'n/a')}, fingerprint {model.get('fingerprint', 'n/a')})"
+
+
+def evaluate_model_title(evaluated: dict) -> str:
+    """The title of an evaluate-model run's report: the evaluated model, and its base if any."""
+    model, base = evaluated.get("model") or {}, evaluated.get("base")
+    name = model.get("spec") or model.get("name") or "unknown model"
+    return f"Evaluate-model run: {name}" + (f" vs base {base.get('spec') or base.get('name')}" if base else " (no base)")
 
 
 def slug(text: str) -> str:

@@ -46,6 +46,11 @@ class RunArtifacts:
         return (self.manifest or {}).get("model") or {}
 
     @property
+    def evaluate_model(self) -> dict | None:
+        """The evaluate-model record of the manifest (the evaluated model and its base); None for a run."""
+        return (self.manifest or {}).get("evaluate_model") or None
+
+    @property
     def missing_stages(self) -> list[str]:
         """Stages whose artifacts the folder lacks, in run order."""
         return [s for s in STAGES if not self.stages.get(s)]

@@ -18,7 +18,8 @@ from ..artifacts import read_jsonl
 from ..selection import MethodSelection
 from .figures import (GEOMETRY_PLOTS, SELECTION_METRICS, figure_png, heatmap_figure, inlp_accuracy_figure,
                       pareto_figure, selection_figure)
-from .format import compress_layers, describe_intervention, fmt_num, format_interval, is_number, statistics_legend, visible_text
+from .format import (compress_layers, describe_intervention, evaluate_model_title, fmt_num, format_interval, is_number,
+                     model_text, statistics_legend, visible_text)
 from .load import (METHOD_LABELS, STAGES, RunArtifacts, better_arrow, harmful_datasets, intervention_names, metric_label,
                    ordered_metrics, summary_cell)
 from .model import (Cell, Example, ExampleGroup, Heading, Page, Quote, ReadFirst, Row, Table, image, metric_cell,
@@ -34,24 +35,30 @@ Section = Callable[[Page, RunArtifacts], None]
 
 # ====================================================================== header
 def header(page: Page, art: RunArtifacts) -> None:
-    """The title, the run's metadata table and which stages exist."""
-    name = art.model.get("name") or "unknown model"
-    page.add(Heading(1, f"Refusal directions: {name}"))
-    page.add(Table(None, [Row((Cell(k), Cell(v))) for k, v in _meta_rows(art, str(name))], css="meta"))
-    stage_text = ", ".join(f"{s}: {'done' if art.stages.get(s) else 'missing'}" for s in STAGES)
-    if art.missing_stages:
-        page.add(Quote(f"Stages missing: {', '.join(art.missing_stages)}. This report shows what exists ({stage_text}); "
+    """The title, the run's metadata table and which stages exist (an evaluate-model run has no
+    extract or select stage: it names both models instead)."""
+    evaluated = art.evaluate_model
+    title = evaluate_model_title(evaluated) if evaluated else f"Refusal directions: {art.model.get('name') or 'unknown model'}"
+    page.add(Heading(1, title))
+    page.add(Table(None, [Row((Cell(k), Cell(v))) for k, v in _meta_rows(art)], css="meta"))
+    stages = [s for s in STAGES if not (evaluated and s in ("extract", "select"))]  # evaluate-model runs have no directions
+    stage_text = ", ".join(f"{s}: {'done' if art.stages.get(s) else 'missing'}" for s in stages)
+    missing = [s for s in art.missing_stages if s in stages]
+    if missing:
+        page.add(Quote(f"Stages missing: {', '.join(missing)}. This report shows what exists ({stage_text}); "
                        "run the missing stages (e.g. `refusal-directions run` with the same settings) to complete it.",
                        "missing", strong=True))
     else:
         page.para(f"Stages: {stage_text}.", "small")
 
 
-def _meta_rows(art: RunArtifacts, name: str) -> list[tuple[str, str]]:
-    """(label, text) of the header table: model, architecture, run, settings, versions, timings."""
-    model, config, manifest = art.model, art.config, art.manifest or {}
+def _meta_rows(art: RunArtifacts) -> list[tuple[str, str]]:
+    """(label, text) of the header table: (for an evaluate-model run, the run kind, both models and what
+    the rows are), model, architecture, run, settings, versions, timings."""
+    model, config, manifest, evaluated = art.model, art.config, art.manifest or {}, art.evaluate_model
     rows = [
-        ("model", f"{name} (alias {model.get('alias', 'n/a')}, fingerprint {model.get('fingerprint', 'n/a')})"),
+        *(_evaluate_model_rows(evaluated) if evaluated else []),
+        ("model", model_text(model) + (" (the model whose modules ran)" if evaluated else "")),
         ("architecture", f"{model.get('n_layers', 'n/a')} layers, d_model {model.get('d_model', 'n/a')}, "
                          f"dtype {model.get('dtype', 'n/a')}, device {model.get('device', 'n/a')}"),
         ("run", f"key {manifest.get('key', 'n/a')}, folder {art.dir}"),
@@ -66,10 +73,26 @@ def _meta_rows(art: RunArtifacts, name: str) -> list[tuple[str, str]]:
         ("package version", f"{manifest.get('package_version', 'n/a')} (report written by {__version__})"),
         ("stage timings", _timings_text(manifest.get("timings") or {})),
     ]
+    if evaluated:  # no directions: the extraction and selection settings did not apply
+        rows = [r for r in rows if r[0] not in ("positions", "methods", "scoring / scope")]
+        rows = [("sizes", f"n_test {config.get('n_test', 'n/a')}, max_new_tokens {config.get('max_new_tokens', 'n/a')}")
+                if k == "sizes" else (k, v) for k, v in rows]
     versions = manifest.get("versions") or {}
     if versions:
         rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items())))
     return rows
+
+
+def _evaluate_model_rows(evaluated: dict) -> list[tuple[str, str]]:
+    """The header rows naming an evaluate-model run's models and what its rows are."""
+    model, base = evaluated.get("model") or {}, evaluated.get("base")
+    if base:
+        meaning = ("row baseline: the base model as it is (the baseline of every paired test); row model: the "
+                   "evaluated model; no directions were extracted or selected")
+        return [("run kind", "evaluate-model"), ("evaluated model", model_text(model)), ("base model", model_text(base)),
+                ("rows", meaning)]
+    return [("run kind", "evaluate-model"), ("evaluated model", model_text(model)), ("base model", "none given"),
+            ("rows", "row baseline: the evaluated model itself (its own numbers, no paired tests)")]
 
 
 def _scope_text(config: dict) -> str:
@@ -482,7 +505,9 @@ SECTIONS: tuple[tuple[str, Section], ...] = (
 
 def build_report(art: RunArtifacts) -> Page:
     """The report page of a run: the header, every section of SECTIONS, then the Notes."""
-    page = Page(f"Refusal directions report: {art.model.get('name', art.dir.name)}")
+    evaluated = art.evaluate_model
+    page = Page(evaluate_model_title(evaluated) if evaluated
+                else f"Refusal directions report: {art.model.get('name', art.dir.name)}")
     header(page, art)
     for name, build in SECTIONS:
         try:
