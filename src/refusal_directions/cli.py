@@ -247,6 +247,27 @@ def cmd_datasets(args: argparse.Namespace) -> None:
         print(f"{spec.name:<{width}}  {spec.description}\n{'':<{width}}  mirror: {spec.local or '-'}   source: {spec.hub}")
 
 
+def _add_evaluate_model_and_reproduce(sub: argparse._SubParsersAction) -> None:
+    """The evaluate-model and reproduce commands (a model as it is; a rerun compared exactly)."""
+    text = ("Generate and evaluate a model as it is (abliterated by another tool, or an `export` folder) with the "
+            "same judges, metrics and paired tests as a run: against --base when given (rows 'baseline' = the base, "
+            "'model' = the evaluated model; both must share architecture, tokenizer and chat template), else its own "
+            "numbers only. No directions are extracted or selected.")
+    p = sub.add_parser("evaluate-model", help="Evaluate a model as it is (--model M [--base B]): infer, evaluate, report.",
+                       description=text)
+    add_config_options(p)
+    p.set_defaults(func=cmd_evaluate_model)
+
+    text = ("Rerun a run folder from its reproduce.json (every setting, versions, data hashes) into a fresh folder and "
+            "compare the artifacts exactly: directions, selection, completions, metrics. Exit status 0 when identical, "
+            "3 when anything differs (each difference is listed); warns when versions, data or the model differ from the record.")
+    p = sub.add_parser("reproduce", help="Rerun a run folder and compare its artifacts (exit 3 if they differ).", description=text)
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, default=None, help="Fresh folder for the rerun (default: RUN_DIR-reproduce).")
+    p.add_argument("--data-dir", default=None, help="Where the dataset mirror is now, if it moved (default: as recorded).")
+    p.set_defaults(func=cmd_reproduce)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="refusal-directions",
@@ -288,23 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(p)
     p.set_defaults(func=cmd_export)
 
-    text = ("Generate and evaluate a model as it is (abliterated by another tool, or an `export` folder) with the "
-            "same judges, metrics and paired tests as a run: against --base when given (rows 'baseline' = the base, "
-            "'model' = the evaluated model; both must share architecture, tokenizer and chat template), else its own "
-            "numbers only. No directions are extracted or selected.")
-    p = sub.add_parser("evaluate-model", help="Evaluate a model as it is (--model M [--base B]): infer, evaluate, report.",
-                       description=text)
-    add_config_options(p)
-    p.set_defaults(func=cmd_evaluate_model)
-
-    text = ("Rerun a run folder from its reproduce.json (every setting, versions, data hashes) into a fresh folder and "
-            "compare the artifacts exactly: directions, selection, completions, metrics. Exit status 0 when identical, "
-            "3 when anything differs (each difference is listed); warns when versions, data or the model differ from the record.")
-    p = sub.add_parser("reproduce", help="Rerun a run folder and compare its artifacts (exit 3 if they differ).", description=text)
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--out", type=Path, default=None, help="Fresh folder for the rerun (default: RUN_DIR-reproduce).")
-    p.add_argument("--data-dir", default=None, help="Where the dataset mirror is now, if it moved (default: as recorded).")
-    p.set_defaults(func=cmd_reproduce)
+    _add_evaluate_model_and_reproduce(sub)
 
     p = sub.add_parser("models", help="Inspect a model: layers, d_model, post-instruction and refusal tokens.",
                        description="Inspect a model: layers, d_model, post-instruction and refusal tokens.")
