@@ -42,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--n-val", type=int, default=32)
-    parser.add_argument("--n-test", type=int, default=16)
+    parser.add_argument("--n-test", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--layers", type=int, default=24, help="score the candidates of the first N layers")
     parser.add_argument("--repeats", type=int, default=1)
@@ -63,10 +63,12 @@ def main() -> None:
             lambda: score_candidates(adapter, dim, harmful, harmless, settings, norm), args.repeats)
     prompts = instructions(sample(load_dataset("jailbreakbench", args.data_dir), args.n_test, 0)) + \
         instructions(sample(load_dataset("harmless_test", args.data_dir), args.n_test, 0))
-    for shared in (False, True):
-        rows[f"generate shared={shared}"] = best_time(
-            lambda: generate_tokens(adapter, prompts, args.max_new_tokens, batch_size=len(prompts), shared_prefix=shared),
-            args.repeats)
+    generate_tokens(adapter, prompts[:4], 2, batch_size=4, shared_prefix=True)  # the one-time check, not timed
+    for shared in (False, True, False, True):  # alternated: load on the machine hits both modes
+        t, out = best_time(lambda: generate_tokens(adapter, prompts, args.max_new_tokens, batch_size=len(prompts),
+                                                   shared_prefix=shared), args.repeats)
+        name = f"generate shared={shared}"
+        rows[name] = min(rows.get(name, (t, out)), (t, out), key=lambda r: r[0])
     (t0, full), (t1, shared) = rows["select shared=False"], rows["select shared=True"]
     kl = max(abs(a.kl - c.kl) for a, c in zip(full, shared))
     bypass = max(abs(a.bypass - c.bypass) for a, c in zip(full, shared))
