@@ -203,6 +203,44 @@ def per_category_section(page: Page, art: RunArtifacts) -> None:
         page.add(Table((Cell("category"), *(Cell(n) for n in names)), rows, scroll=True))
 
 
+def agreement_section(page: Page, art: RunArtifacts) -> None:
+    """Judge agreement per harmful set: percent agreement (upper triangle) and Cohen's kappa (lower
+    triangle) of every pair of judges, each judge's positive rate, and the most disputed completions."""
+    blocks = (art.summary or {}).get("judge_agreement") or {}
+    blocks = {d: b for d, b in blocks.items() if len(b.get("judges") or []) >= 2}
+    if not blocks:
+        return
+    page.section("Judge agreement", "agreement")
+    page.para("Above the diagonal: share of completions on which two judges agree; below: Cohen's kappa "
+              "(n/a where undefined, e.g. a judge that gives one verdict only). Counted over every "
+              "intervention's completions that both judges judged.")
+    for dataset, block in blocks.items():
+        judges = block["judges"]
+        agree, kappa = block["matrix"]["agreement"], block["matrix"]["kappa"]
+        page.subsection(f"{dataset} ({block.get('n_completions', '?')} completions)")
+        rows = []
+        for i, a in enumerate(judges):
+            cells = [Cell(f"{a}: {(block.get('labels') or {}).get(a, '')}")]
+            cells.append(Cell(f"{fmt_num((block.get('positive_rate') or {}).get(a), 2)} "
+                              f"(n={(block.get('n_judged') or {}).get(a, '?')})", css="num"))
+            for j in range(len(judges)):
+                value = None if i == j else (agree[i][j] if j > i else kappa[i][j])
+                cells.append(Cell("—" if i == j else fmt_num(value, 2), css="num"))
+            rows.append(Row(tuple(cells)))
+        page.add(Table((Cell("judge (True means)"), Cell("positive rate"), *(Cell(j) for j in judges)), rows))
+        disputed = block.get("disagreements") or []
+        if disputed:
+            page.bullets([_disputed_text(d) for d in disputed])
+
+
+def _disputed_text(entry: dict) -> str:
+    """One disputed completion: intervention, each judge's verdict, the prompt and the judged text (cut)."""
+    verdicts = ", ".join(f"{k} {'yes' if v else 'no' if v is not None else 'n/a'}"
+                         for k, v in (entry.get("verdicts") or {}).items())
+    text = " ".join(str(entry.get("text", "")).split())[:200]
+    return f"{entry.get('intervention')} #{entry.get('index')}: {verdicts}. Prompt: {entry.get('prompt')!s:.120} — \"{text}\""
+
+
 def _category_text(entry: dict) -> str:
     """"0.50 (n=4)" or "—" for a missing category entry."""
     return f"{fmt_num(entry.get('attack_success'), 2)} (n={entry.get('n', '?')})" if entry else "—"
@@ -499,6 +537,7 @@ SECTIONS: tuple[tuple[str, Section], ...] = (
     ("inlp section", inlp_section),
     ("geometry section", geometry_section),
     ("per category section", per_category_section),
+    ("judge agreement section", agreement_section),
     ("examples section", examples_section),
 )
 
