@@ -1,4 +1,4 @@
-"""The quick preset on the embedded model, every stage (marked: about 25 minutes on 2 CPU cores)."""
+"""The quick preset on the embedded model, every stage (marked: about 20 minutes on 2 CPU cores)."""
 
 from __future__ import annotations
 
