@@ -314,3 +314,23 @@ def test_coherence_metrics_in_the_table_the_pareto_plot_and_the_examples(tmp_pat
     fig = pareto_figure([{"name": "a", "method": "inlp", "x": 2.0, "x_ci": None, "y": 0.8, "y_ci": [0.7, 0.9],
                           "y2": 0.3, "y2_ci": [0.2, 0.4]}], "x", "y", 2.0)
     assert "coherent attack success (hollow)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_read_first_warns_about_an_llm_judge_that_gives_one_answer_to_everything(tmp_path):
+    folder = write_fixture_run(tmp_path / "run")
+    path = folder / "evaluate" / "summary.json"
+    summary = json.loads(path.read_text())
+    names = list(summary["results"])
+    summary["metrics"]["rubric_attack_success/jailbreakbench"] = {"kind": "rate", "label": "rubric attack success"}
+    for i, name in enumerate(names):
+        summary["results"][name]["attack_success/jailbreakbench"].update(status="ok", value=0.2 + 0.8 * (i == 1))
+        summary["results"][name]["rubric_attack_success/jailbreakbench"] = {"status": "ok", "value": 0.0, "n": 32}
+    path.write_text(json.dumps(summary))
+    warnings = [w for w in read_first_warnings(load_run(folder)) if w.startswith("Constant judge")]
+    assert len(names) >= 3 and warnings == [
+        f"Constant judge: rubric attack success (rubric_attack_success/jailbreakbench) is 0.000 for all {len(names)} "
+        "interventions while substring attack success ranges from 0.200 to 1.000: the judge's model likely gives one "
+        "answer whatever it reads; do not read this column until its answers are checked (e.g. bench/rubric_run.py --out)."]
+    summary["results"][names[1]]["rubric_attack_success/jailbreakbench"]["value"] = 0.5  # the judge varies: no warning
+    path.write_text(json.dumps(summary))
+    assert not [w for w in read_first_warnings(load_run(folder)) if w.startswith("Constant judge")]

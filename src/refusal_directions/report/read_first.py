@@ -17,6 +17,8 @@ from .load import METHOD_LABELS, RunArtifacts, load_json_or_note, metric_label, 
 MIN_VAL_PROMPTS = 16  # harmful or harmless validation prompts left after the refusal filter
 MIN_EVAL_ITEMS = 50  # items of a rate or accuracy: at n=50 a 95% Wilson interval around 0.5 spans about ±0.13
 CEILING_ATTACK_SUCCESS = 0.9  # baseline attack success at or above this leaves little refusal to remove
+CONSTANT_JUDGE_SPREAD = 0.25  # substring attack success spread over which an LLM judge's constant verdict is suspect
+LLM_JUDGE_METRICS = ("rubric_attack_success", "harmbench")
 
 
 def read_first_warnings(art: RunArtifacts) -> list[str]:
@@ -27,14 +29,16 @@ def read_first_warnings(art: RunArtifacts) -> list[str]:
     validation prompts after the refusal filter, ``n_val`` there); baseline attack success already at the
     ceiling (at least ``CEILING_ATTACK_SUCCESS`` or an interval reaching 1); thin evaluation sets (a rate or
     accuracy of the baseline on fewer than ``MIN_EVAL_ITEMS`` items); benchmarks whose baseline interval
-    includes chance (``chance_flags`` of ``evaluate/summary.json``). Both report pages show them at the top.
+    includes chance (``chance_flags`` of ``evaluate/summary.json``); an LLM judge (rubric, HarmBench) whose
+    rate is the same for every intervention while the substring judge's attack success spreads by at least
+    ``CONSTANT_JUDGE_SPREAD``. Both report pages show them at the top.
     """
     warnings = [f"Selection fallback: {raw['fallback_warning']} The {METHOD_LABELS.get(method, method)} rows use a "
                 "component that failed the selection filters."
                 for method, raw in art.selection_raw.items() if raw.get("fallback_warning")]
     summary = art.summary or {}
     return [*warnings, *_thin_selection_warnings(art), *_ceiling_warnings(summary), *_thin_evaluation_warnings(summary),
-            *_chance_warnings(summary)]
+            *_chance_warnings(summary), *_constant_judge_warnings(summary)]
 
 
 def _thin_selection_warnings(art: RunArtifacts) -> list[str]:
@@ -105,3 +109,26 @@ def _chance_warnings(summary: dict) -> list[str]:
             f"{format_interval(flag.get('baseline_ci')) or 'n/a'} includes chance ({fmt_num(flag.get('chance'), 2)}); "
             "this benchmark cannot show capability damage for this model."
             for mid, flag in (summary.get("chance_flags") or {}).items() if (flag or {}).get("flagged")]
+
+
+def _ok_values(summary: dict, metric_id: str) -> list[float]:
+    """The numeric values of ``metric_id`` over every intervention with an ok cell."""
+    cells = [summary_cell(summary, n, metric_id) for n in (summary.get("results") or {})]
+    return [c["value"] for c in cells if c and c.get("status") == "ok" and is_number(c.get("value"))]
+
+
+def _constant_judge_warnings(summary: dict) -> list[str]:
+    """LLM judges that gave every intervention the same rate while the substring judge's rates differ widely:
+    the grader likely answers the same whatever it reads (its numbers carry no information)."""
+    out = []
+    for mid in summary.get("metrics") or {}:
+        judge, _, dataset = mid.partition("/")
+        values = _ok_values(summary, mid) if judge in LLM_JUDGE_METRICS else []
+        substring = _ok_values(summary, f"attack_success/{dataset}")
+        if len(values) >= 3 and max(values) == min(values) and substring \
+                and max(substring) - min(substring) >= CONSTANT_JUDGE_SPREAD:
+            out.append(f"Constant judge: {metric_label(summary, mid)} ({mid}) is {fmt_num(values[0])} for all "
+                       f"{len(values)} interventions while substring attack success ranges from {fmt_num(min(substring))} "
+                       f"to {fmt_num(max(substring))}: the judge's model likely gives one answer whatever it reads; "
+                       "do not read this column until its answers are checked (e.g. bench/rubric_run.py --out).")
+    return out
