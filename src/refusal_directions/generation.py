@@ -27,6 +27,7 @@ Stop tokens
 from __future__ import annotations
 
 import logging
+import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
@@ -263,7 +264,7 @@ def generate_tokens(
             idx = order[start : start + batch_size]
             enc = adapter.encode([prompts[i] for i in idx])
             if shared_prefix and cache_implementation != "static":
-                enc = _with_shared_prefix(adapter, [prompts[i] for i in idx], enc)
+                enc = _with_shared_prefix(adapter, [prompts[i] for i in idx], enc, max_new_tokens)
             try:
                 out = greedy_generate(adapter.model, enc, config)
             except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
@@ -282,23 +283,22 @@ def generate_tokens(
     return responses
 
 
-_PREFIX_CHECKED = "_refusal_directions_shared_prefix_ok"  # model attribute: the one-time check's outcome
+_PREFIX_CHECKED: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()  # check outcome per model
 
 
-def _with_shared_prefix(adapter: ModelAdapter, prompts: Sequence[str], enc: dict) -> dict:
+def _with_shared_prefix(adapter: ModelAdapter, prompts: Sequence[str], enc: dict, max_new_tokens: int) -> dict:
     """``enc`` rewritten as prefix + left-padded suffixes with the prefix's KV cache, or ``enc`` unchanged
-    (prefix too short, sliding windows shorter than the prompts, or the one-time check failed)."""
-    sequences = [adapter.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    n = sp.common_prefix_length(sequences)
+    (prefix too short, sliding windows shorter than prompt + new tokens, or the one-time check failed)."""
     model = adapter.model
-    if n < sp.MIN_PREFIX_TOKENS or not sp.windows_allow(model, max(map(len, sequences)) + 1) \
-            or not getattr(model, _PREFIX_CHECKED, True):
+    if not _PREFIX_CHECKED.get(model, True):
         return enc
-    pad = adapter.tokenizer.pad_token_id if adapter.tokenizer.pad_token_id is not None else 0
-    split = sp.split_batch(sequences, n, pad, adapter.input_device)
-    if not hasattr(model, _PREFIX_CHECKED):
-        setattr(model, _PREFIX_CHECKED, _prefix_check(adapter, split, enc))
-        if not getattr(model, _PREFIX_CHECKED):
+    sequences = [adapter.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    split = sp.shareable_split(sequences, model, adapter.pad_id, adapter.input_device, extra_tokens=max_new_tokens)
+    if split is None:
+        return enc
+    if model not in _PREFIX_CHECKED:
+        _PREFIX_CHECKED[model] = _prefix_check(adapter, split, enc)
+        if not _PREFIX_CHECKED[model]:
             return enc
     cache = sp.prefix_cache(model, split.prefix, split.batch_size)
     ids = torch.cat([split.prefix.expand(split.batch_size, -1), split.input_ids], dim=1)
@@ -314,7 +314,7 @@ def _prefix_check(adapter: ModelAdapter, split: "sp.SplitBatch", enc: dict) -> b
         shared = model(**split.suffix_inputs(), use_cache=True, logits_to_keep=1, **{sp.cache_keyword(model): cache})
         full = model(**enc, use_cache=False, logits_to_keep=1)
         sp.check_close(shared.logits[:, -1], full.logits[:, -1], adapter.dtype, "generation prefill")
-    except (sp.SharedPrefixError, RuntimeError, TypeError, ValueError, AttributeError, IndexError) as exc:
+    except (sp.SharedPrefixError, *sp.CHECK_ERRORS) as exc:
         log.warning("Shared prompt prefix not used in generation (%s: %s); prefilling full prompts.", type(exc).__name__, exc)
         return False
     return True

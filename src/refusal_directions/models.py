@@ -540,6 +540,12 @@ class ModelAdapter:
         return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
 
     @property
+    def pad_id(self) -> int:
+        """The token id padding batches (the tokenizer's pad token, else 0)."""
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else 0
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
 

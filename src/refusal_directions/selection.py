@@ -36,9 +36,8 @@ from .activations import refusal_score
 from .directions.base import DirectionSet
 from .interventions import Intervention, actadd_for, intervene, removal_for
 from .models import ModelAdapter
-from .scopes import Scope
-from .shared_prefix import (MIN_PREFIX_TOKENS, SharedPrefixError, SplitBatch, cache_keyword, check_close,
-                            common_prefix_length, new_cache, split_batch, windows_allow)
+from .shared_prefix import (CHECK_ERRORS, SharedPrefixError, SplitBatch, cache_keyword, check_close, new_cache,
+                            shareable_split)
 
 log = logging.getLogger(__name__)
 
@@ -225,11 +224,9 @@ class _PrefixSharing:
         if not self.enabled:
             return _baseline_pass(adapter, enc)
         sequences = [adapter.tokenizer(p, add_special_tokens=False)["input_ids"] for p in adapter.format_prompts(prompts)]
-        n = common_prefix_length(sequences)
-        if n < MIN_PREFIX_TOKENS or not windows_allow(adapter.model, max(len(s) for s in sequences)):
+        split = shareable_split(sequences, adapter.model, adapter.pad_id, adapter.input_device)
+        if split is None:
             return _baseline_pass(adapter, enc)
-        pad = adapter.tokenizer.pad_token_id if adapter.tokenizer.pad_token_id is not None else 0
-        split = split_batch(sequences, n, pad, adapter.input_device)
         if self.verified:
             return _split_baseline_pass(adapter, split)
         full = _baseline_pass(adapter, enc)
@@ -238,7 +235,7 @@ class _PrefixSharing:
             check_close(shared.last_logits, full.last_logits, adapter.dtype, "baseline")
             middle = adapter.n_layers // 2
             check_close(_logits_from_layer(adapter, shared, middle), full.last_logits, adapter.dtype, f"layers {middle}..")
-        except (SharedPrefixError, RuntimeError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        except (SharedPrefixError, *CHECK_ERRORS) as exc:
             log.warning("Shared prompt prefix not used in selection (%s: %s); scoring full sequences.",
                         type(exc).__name__, exc)
             self.enabled = False

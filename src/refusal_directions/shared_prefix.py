@@ -26,6 +26,9 @@ import torch
 from torch import Tensor
 
 MIN_PREFIX_TOKENS = 8  # below this the saving does not pay for the extra bookkeeping
+# What a failed check may raise besides ``SharedPrefixError``: a model whose layers do not take a
+# shared cache this way (callers then fall back to full sequences).
+CHECK_ERRORS = (RuntimeError, TypeError, ValueError, AttributeError, IndexError)
 
 
 class SharedPrefixError(RuntimeError):
@@ -77,6 +80,17 @@ def split_batch(sequences: Sequence[Sequence[int]], prefix_length: int, pad_id: 
     positions = prefix_length + (mask.cumsum(-1) - 1).clamp(min=0)
     full_mask = torch.cat([torch.ones((len(suffixes), prefix_length), dtype=torch.long), mask], dim=1)
     return SplitBatch(prefix.to(device), ids.to(device), full_mask.to(device), positions.to(device))
+
+
+def shareable_split(sequences: Sequence[Sequence[int]], model: torch.nn.Module, pad_id: int, device: torch.device,
+                    extra_tokens: int = 0) -> SplitBatch | None:
+    """``sequences`` as a ``SplitBatch`` when their common prefix is worth sharing (at least
+    ``MIN_PREFIX_TOKENS``) and no sliding window of ``model`` is shorter than the longest sequence plus
+    ``extra_tokens`` (tokens still to be generated); else None."""
+    n = common_prefix_length(sequences)
+    if n < MIN_PREFIX_TOKENS or not windows_allow(model, max(len(s) for s in sequences) + extra_tokens):
+        return None
+    return split_batch(sequences, n, pad_id, device)
 
 
 def cache_keyword(model: torch.nn.Module) -> str:

@@ -77,16 +77,14 @@ def completion_kl(
     sequences, starts = _sequences(adapter, prompts, completions, n_tokens)
     first, mean, count = [0.0] * len(prompts), [0.0] * len(prompts), [0] * len(prompts)
     if intervened is None:
-        count = [max(starts[i], len(s) - 1) - (starts[i] - 1) for i, s in enumerate(sequences)]
+        count = [hi - lo for lo, hi in map(_scored_span, starts, sequences)]
         return CompletionKL(first, mean, count, n_tokens)
     stored = _reuse_slot(reuse, adapter, sequences, starts, batch_size)
-    pad = adapter.tokenizer.pad_token_id if adapter.tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         batch = order[b : b + batch_size]
-        inputs = _right_padded(adapter, [sequences[i] for i in batch], pad)
-        # Positions predicting completion tokens: start-1 .. len-2 (start-1 alone when it is empty).
-        spans = [(starts[i] - 1, max(starts[i], len(sequences[i]) - 1)) for i in batch]
+        inputs = _right_padded(adapter, [sequences[i] for i in batch])
+        spans = [_scored_span(starts[i], sequences[i]) for i in batch]
         picked = stored.get(b) if stored is not None else None
         if picked is None:
             base = adapter.model(**inputs, use_cache=False).logits
@@ -103,10 +101,15 @@ def completion_kl(
     return CompletionKL(first, mean, count, n_tokens)
 
 
-def _right_padded(adapter: ModelAdapter, sequences: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
+def _scored_span(start: int, sequence: Sequence[int]) -> tuple[int, int]:
+    """Positions ``[lo, hi)`` predicting completion tokens: start-1 .. len-2 (start-1 alone when it is empty)."""
+    return start - 1, max(start, len(sequence) - 1)
+
+
+def _right_padded(adapter: ModelAdapter, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
     """``input_ids`` and ``attention_mask`` [B, max length] of right-padded ``sequences``, on the input device."""
     width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    ids = torch.full((len(sequences), width), adapter.pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
         ids[row, : len(seq)] = torch.as_tensor(seq)
@@ -120,7 +123,7 @@ def _reuse_slot(reuse: dict | None, adapter: ModelAdapter, sequences: list[list[
     if reuse is None:
         return None
     vocab = int(adapter.lm_head.weight.shape[0]) if getattr(adapter.lm_head, "weight", None) is not None else 0
-    scored = sum(max(st, len(s) - 1) - (st - 1) for s, st in zip(sequences, starts))
+    scored = sum(hi - lo for lo, hi in map(_scored_span, starts, sequences))
     if not vocab or scored * vocab * 4 > REUSE_LIMIT_BYTES:
         return None
     key = (tuple(map(tuple, sequences)), tuple(starts), batch_size)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import logging
 import weakref
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..models import ModelAdapter
+from ..shared_prefix import cache_keyword, common_prefix_length
 from .attention import scoring_forward
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,6 @@ def _decoder(adapter: ModelAdapter) -> nn.Module:
     """The decoder stack (``ModelAdapter.decoder``: the module holding the layers; its output has
     ``last_hidden_state``). Not ``get_decoder()``: Llama-4's causal LM returns itself there."""
     return adapter.decoder
-
-
-def _cache_kwarg(decoder: nn.Module) -> str:
-    """transformers 5.24 calls the KV cache ``cache``; earlier 5.x releases ``past_key_values``."""
-    params = inspect.signature(decoder.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _output_cache(output):
@@ -102,25 +96,6 @@ def check_head(adapter: ModelAdapter) -> None:
     _HEAD_CHECKED[adapter.model] = True
 
 
-def _pad_id(adapter: ModelAdapter) -> int:
-    pad = adapter.tokenizer.pad_token_id
-    return int(pad) if pad is not None else 0
-
-
-def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    first = sequences[0]
-    n = len(first)
-    for seq in sequences[1:]:
-        m = min(n, len(seq))
-        i = 0
-        while i < m and seq[i] == first[i]:
-            i += 1
-        n = i
-        if n == 0:
-            break
-    return n
-
-
 @dataclass
 class _Unit:
     """A set of sequences scored together: ``prefix_len`` tokens shared and run once (0 = none)."""
@@ -144,7 +119,7 @@ def _plan(
     for i, g in enumerate(groups):
         by_group.setdefault(g, []).append(i)
     for members in by_group.values():
-        prefix = _common_prefix_length([sequences[i] for i in members])
+        prefix = common_prefix_length([sequences[i] for i in members])
         # every scored position must lie after the cached prefix, and every suffix be non-empty
         for i in members:
             prefix = min(prefix, len(sequences[i]) - 1, *(p for p in positions[i]))
@@ -258,7 +233,7 @@ class _Forward:
     def of(cls, adapter: ModelAdapter, batch_size: int, max_padding: float) -> "_Forward":
         module = _decoder(adapter)
         device = adapter.input_device
-        return cls(scoring_forward(module, device), _cache_kwarg(module), _pad_id(adapter), device, adapter.dtype,
+        return cls(scoring_forward(module, device), cache_keyword(module), adapter.pad_id, device, adapter.dtype,
                    adapter.has_sliding_window, PACK_TOKENS if _can_pack(adapter) else 0, batch_size, max_padding)
 
 
