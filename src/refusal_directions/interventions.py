@@ -71,6 +71,10 @@ class Removal:
     centres, every block input in scope is edited, each around its own centre.
     ``writes``: False edits the block inputs only (the reference tool's INLP selection scoring);
     every block input in scope is then edited.
+    ``layer_alpha``: per-layer weights {layer: w_l} (a Heretic-style kernel, ``InterventionSpec.weights``)
+    used instead of ``alpha`` at each layer in scope: the writes of layer l are edited with w_l and,
+    as for alpha = 1, only the first block input of each contiguous run of layers (with its w_l), so
+    the concept component of every write is scaled by (1 - w_l); weights all 1 are the plain removal.
     """
 
     eraser: Eraser
@@ -81,11 +85,16 @@ class Removal:
     name: str = "removal"
     centres: Tensor | None = None
     writes: bool = True
+    layer_alpha: dict[int, float] | None = None
 
     @property
     def k(self) -> int:
         """The number of directions removed (the eraser's columns)."""
         return self.eraser.k
+
+    def alpha_at(self, layer: int) -> float:
+        """The edit's strength at ``layer``: its per-layer weight, else ``alpha``."""
+        return self.alpha if self.layer_alpha is None else float(self.layer_alpha.get(layer, self.alpha))
 
     def centre(self, layer: int) -> Tensor | None:
         """The affine centre of ``layer``'s block input (None: linear)."""
@@ -97,7 +106,7 @@ class Removal:
         layers = sorted(set(self.layers))
         if (self.affine and self.centres is not None) or not self.writes:
             return layers
-        if self.alpha == 1.0:
+        if self.alpha == 1.0 or self.layer_alpha is not None:
             return [l for l in layers if l - 1 not in layers]
         if self.mode == "consistent":
             return layers[:1]
@@ -114,9 +123,9 @@ class Removal:
             if layer in block_inputs:
                 centre = self.centre(layer)
                 centred = Eraser(eraser.left, eraser.right, None if centre is None else centre.to(device))
-                hooks.append(Hook(points.block, "input", _edit_fn(centred, self.alpha, affine=True)))
+                hooks.append(Hook(points.block, "input", _edit_fn(centred, self.alpha_at(layer), affine=True)))
             if self.writes:
-                linear = _edit_fn(eraser, self.alpha, affine=False)
+                linear = _edit_fn(eraser, self.alpha_at(layer), affine=False)
                 hooks.extend(Hook(write, "output", linear) for write in points.writes)
         return hooks
 
@@ -294,9 +303,9 @@ class InterventionSlots:
             if (centre := removal.centre(layer)) is not None:
                 slot.bias.copy_(centre)
             if removal.writes:
-                slot.alpha_writes.fill_(removal.alpha)
+                slot.alpha_writes.fill_(removal.alpha_at(layer))
             if layer in block_inputs:
-                slot.alpha_input.fill_(removal.alpha)
+                slot.alpha_input.fill_(removal.alpha_at(layer))
 
 
 # ---------------------------------------------------------------------- weight baking
@@ -533,6 +542,8 @@ def check_bakeable(adapter: ModelAdapter, removal: Removal) -> None:
         )
     if sorted(set(removal.layers)) != list(range(adapter.n_layers)):
         raise BakingError("Only removals at all layers can be baked; narrower scopes use hooks.")
+    if removal.layer_alpha is not None and any(w != 1.0 for w in removal.layer_alpha.values()):
+        raise BakingError("Per-layer weights other than 1 edit each layer differently; they cannot be baked. Use hooks.")
     if removal.alpha != 1.0 and removal.mode == "reference":
         raise BakingError("Reference-mode reflection edits every block input; it cannot be baked. Use hooks.")
     if removal.affine and removal.centres is not None:
@@ -624,15 +635,20 @@ def applied(adapter: ModelAdapter, intervention: Intervention | None, bake_weigh
 # ---------------------------------------------------------------------- constructors and plans
 def removal_for(directions: DirectionSet, pos_index: int, layer: int, layers: Sequence[int], k: int | None = None,
                 alpha: float = 1.0, mode: ReflectionMode = "reference", affine: bool = True,
-                writes: bool = True) -> Removal:
+                writes: bool = True, weights: Sequence[float] | None = None) -> Removal:
     """The method's removal (or reflection) of component (pos_index, layer), applied at ``layers``.
 
     Affine methods (LEACE) are centred at each layer on that layer's mean at the same position.
-    ``writes=False``: block inputs only.
+    ``writes=False``: block inputs only. ``weights``: one strength per layer of ``layers``
+    (``Removal.layer_alpha``), instead of ``alpha``.
     """
+    layers = list(layers)
+    if weights is not None and len(weights) != len(layers):
+        raise ValueError(f"{len(weights)} per-layer weights for {len(layers)} layers; give one weight per layer.")
     centres = directions.bias[pos_index].float() if (affine and directions.bias is not None) else None
-    return Removal(directions.eraser(pos_index, layer, k, affine=affine), list(layers), alpha, mode, affine,
-                   centres=centres, writes=writes)
+    layer_alpha = None if weights is None else {l: float(w) for l, w in zip(layers, weights)}
+    return Removal(directions.eraser(pos_index, layer, k, affine=affine), layers, alpha, mode, affine,
+                   centres=centres, writes=writes, layer_alpha=layer_alpha)
 
 
 def actadd_for(directions: DirectionSet, pos_index: int, layer: int, coefficient: float) -> ActAdd:
@@ -651,6 +667,8 @@ class InterventionSpec:
     ``scope``: the scope label of a removal or reflection (one, top0.5, all). ``components``:
     (pos_index, layer, k) of each component in scope when each keeps its own direction or P
     (empty: the best component's at every layer of ``layers``, the reference's default).
+    ``weights``: one removal strength per layer of ``layers`` (empty: ``alpha`` at every layer), the
+    per-layer kernel of the Pareto search (``search.kernel_weights``); see ``Removal.layer_alpha``.
     """
 
     name: str
@@ -667,6 +685,7 @@ class InterventionSpec:
     k: int | None = None
     scope: str = ""
     components: tuple[tuple[int, int, int | None], ...] = ()
+    weights: tuple[float, ...] = ()
 
     def build(self, direction_sets: dict[str, DirectionSet], sign: float | None = None) -> Intervention | None:
         """The intervention as specified. ActAdd adds ``sign * coefficient`` times its unit direction:
@@ -683,18 +702,27 @@ class InterventionSpec:
             if sign is None:
                 raise ValueError(f"{self.name}: ActAdd needs its sign (+1 adds the direction, -1 subtracts it).")
             return actadd_for(directions, self.pos_index, self.layer, sign * self.coefficient)
+        if self.components and self.weights:
+            raise ValueError(f"{self.name}: per-layer weights apply to one direction at every layer, not to own components.")
         if self.components:
             return Composite([removal_for(directions, p, l, [l], k, self.alpha, self.mode, self.affine)  # type: ignore[arg-type]
                               for p, l, k in self.components])
         return removal_for(directions, self.pos_index, self.layer, self.layers, self.k, self.alpha,
-                           self.mode, self.affine)  # type: ignore[arg-type]
+                           self.mode, self.affine, weights=self.weights or None)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict:
-        return {**self.__dict__, "layers": list(self.layers), "components": [list(c) for c in self.components]}
+        """The JSON of the plan; ``weights`` only when set (plans without them read as before)."""
+        out = {**self.__dict__, "layers": list(self.layers), "components": [list(c) for c in self.components]}
+        if self.weights:
+            out["weights"] = list(self.weights)
+        else:
+            out.pop("weights")
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "InterventionSpec":
-        return cls(**{**d, "layers": tuple(d["layers"]), "components": tuple(tuple(c) for c in d.get("components", ()))})
+        return cls(**{**d, "layers": tuple(d["layers"]), "components": tuple(tuple(c) for c in d.get("components", ())),
+                      "weights": tuple(float(w) for w in d.get("weights", ()))})
 
 
 REMOVAL_NAMES = {"diff_in_means": "ablation", "inlp": "projection", "leace": "erasure"}
