@@ -117,6 +117,18 @@ class RunConfig:
     mmlu_subjects: int | None = opt(None, "Draw the MMLU questions from this many seeded subjects (default: all subjects).", "evaluate")
     arc_questions: int | None = opt(None, "ARC-Challenge questions (seeded sub-sample; default all).", "evaluate")
     arc_shots: int = opt(5, "ARC-Challenge shots (25 = leaderboard setting).", "evaluate")
+    # ------------------------------------------------------------------ sweeps and Pareto search (issue 15)
+    sweep: bool = opt(False, "run: also run the sweep stage after select (dose-response of every method on the selection proxies, no generation; `refusal-directions sweep` runs it alone).")
+    sweep_weights: list[float] = opt([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5], "Sweep: removal strengths lambda (x - lambda (x . r) r at every layer in scope; 1 is the removal) of every method.")
+    sweep_alphas: list[float] = opt([0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0], "Sweep: reflection alphas (R = alpha P + (1 - alpha) I, --reflection-mode) of every method.")
+    sweep_multipliers: list[float] = opt([0.25, 0.5, 1.0, 1.5, 2.0, 3.0], "Sweep: ActAdd multipliers m (coefficient m * ||r_best||, subtracted: the refusal-removing sign).")
+    sweep_scopes: list[str] = opt(["one", "window:2", "top:0.25", "all"], "Sweep: scopes of the strength, reflection and INLP-k sweeps (one, top:<fraction>, all, window:<n>: the source layer +- n).")
+    sweep_stack: int = opt(8, "Sweep and search: configurations per stacked forward (rows per forward: this times the batch size).")
+    optimize: bool = opt(False, "run: also run the Pareto search (`refusal-directions optimize`) after select, and generate and evaluate its matched-damage configurations (the front points nearest to --search-kl-levels) with the other interventions.", "infer")
+    search_trials: int = opt(64, "Pareto search: trials per method (the same budget for every method).", "infer")
+    search_startup_trials: int = opt(10, "Pareto search: random trials before TPE models the front (scored stacked).", "infer")
+    search_seed: int = opt(42, "Pareto search: the TPE sampler's seed (trial n samples with seed + n, so a resumed study is the uninterrupted one).", "infer")
+    search_kl_levels: list[float] = opt([0.02, 0.05, 0.1, 0.2], "Matched damage: KL levels; per level, each method's Pareto-front trial with the nearest KL is generated and evaluated.", "infer")
     # ------------------------------------------------------------------ stage control (never hashed)
     extract_only: bool = opt(False, "Run extraction only.")
     select_only: bool = opt(False, "Run extraction and selection only.")
@@ -170,9 +182,28 @@ class RunConfig:
             raise ConfigError(f"coherence_quantile is a quantile in (0, 1], not {self.coherence_quantile}.")
         if self.rubric_max_completions is not None and self.rubric_max_completions < 1:
             raise ConfigError("rubric_max_completions must be at least 1 (or none: every completion).")
+        self._validate_sweeps()
         if self.coherence_ce_mads < 0 or self.coherence_ce_margin < 0:
             raise ConfigError("coherence_ce_mads and coherence_ce_margin must not be negative.")
         return self
+
+    def _validate_sweeps(self) -> None:
+        """The sweep and search settings: non-empty grids of finite non-negative values, valid scopes."""
+        for name in ("sweep_weights", "sweep_alphas", "sweep_multipliers", "search_kl_levels"):
+            values = getattr(self, name)
+            if not values or not all(v >= 0 and v != float("inf") for v in values):
+                raise ConfigError(f"{name} must be a non-empty list of finite non-negative numbers, not {values}.")
+        if any(v <= 0 for v in self.search_kl_levels):
+            raise ConfigError(f"search_kl_levels must be positive KLs (nats), not {self.search_kl_levels}.")
+        if not self.sweep_scopes:
+            raise ConfigError("sweep_scopes must not be empty (e.g. --sweep-scopes one window:2 all).")
+        for text in self.sweep_scopes:
+            try:
+                Scope.parse(text)
+            except ValueError as exc:
+                raise ConfigError(f"sweep_scopes: {exc}") from None
+        if self.sweep_stack < 1 or self.search_trials < 1 or self.search_startup_trials < 0:
+            raise ConfigError("sweep_stack and search_trials must be at least 1, search_startup_trials at least 0.")
 
     def calibration_rule(self) -> "CalibrationRule":
         """The coherence calibration rule of these settings (``evaluation.coherence.calibrate``)."""
@@ -287,6 +318,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mmlu_questions": 16,
         "mmlu_subjects": 2,
         "arc_questions": 16,
+        "sweep_weights": [0.0, 0.5, 1.0, 1.5],
+        "sweep_alphas": [0.5, 1.5, 2.0],
+        "sweep_multipliers": [0.5, 1.0, 2.0],
+        "sweep_scopes": ["one", "window:2", "all"],
+        "search_trials": 24,
+        "search_kl_levels": [0.05, 0.2],
     },
 }
 

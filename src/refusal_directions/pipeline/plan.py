@@ -66,7 +66,7 @@ def scoped_specs(method: str, sel: MethodSelection, scope: Scope, pool: int, n_l
     layers = tuple(scope.layers(sel.ranked, pool, n_layers))
     own = tuple((c.pos_index, c.layer, c.k if method == "inlp" else None) for c in in_scope)
     scoped = dict(_best_component(method, sel), layers=layers, scope=scope.label,
-                  components=own if config.scope_directions == "own" and scope.kind != "all" else ())
+                  components=own if config.scope_directions == "own" and scope.kind in ("one", "top") else ())
     specs = [InterventionSpec(f"{method}.{REMOVAL_NAMES[method]}@{scope.label}", "removal", **scoped)]
     if method == "leace":
         specs.append(InterventionSpec(f"leace.erasure-nonaffine@{scope.label}", "removal", affine=False, **scoped))

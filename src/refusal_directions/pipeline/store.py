@@ -11,7 +11,9 @@ record (``reproduce.json``: what ``pipeline.reproduce`` needs to rerun the run);
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
 import logging
 import platform
 import time
@@ -35,6 +37,10 @@ REPRODUCE_FORMAT = 1
 # the distributions whose versions can change a run's numbers (recorded in reproduce.json)
 LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "numpy", "scipy",
              "concept-erasure", "peft", "gguf")
+
+
+# The code versions of the stages outside the extract -> evaluate chain (part of their keys, ``side_stage_key``).
+SIDE_STAGE_VERSIONS: dict[str, int] = {"sweep": 1, "optimize": 1}
 
 
 class RunError(RuntimeError):
@@ -71,6 +77,14 @@ class Run:
     def stage_key(self, stage: str) -> str:
         """The key every artifact of ``stage`` must carry to be reused."""
         return self.config.stage_key(stage, self.identity or self.adapter.fingerprint)
+
+    def side_stage_key(self, stage: str, settings: dict[str, Any]) -> str:
+        """The key of a stage outside the chain (``sweep``, ``optimize``: they read the selection and
+        feed only the report, or the plan through ``optimize``): a hash of the select key (model,
+        data, directions and selection settings), the stage's own ``settings`` and its code version."""
+        payload = json.dumps({"select": self.stage_key("select"), "stage": stage, "settings": settings,
+                              "version": SIDE_STAGE_VERSIONS[stage]}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
     @property
     def batch_size(self) -> int:
