@@ -30,6 +30,8 @@ STAGE_COMMANDS = {
     "run": "Run every stage: extract -> select -> infer -> evaluate -> report (reusing valid artifacts).",
     "extract": "Cache activations and fit every method's directions (stage 1).",
     "select": "Score, filter and rank candidate components on validation prompts (stage 2).",
+    "sweep": "Dose-response of every method on the selection proxies, no generation (after select; also `run --sweep`).",
+    "optimize": "Pareto search (multi-objective TPE, proxies) of every method's per-layer removal kernel (after select; also `run --optimize`).",
     "infer": "Generate completions under every intervention (stage 3).",
     "evaluate": "Judge completions and measure loss and benchmarks under every intervention (stage 4).",
 }
@@ -121,6 +123,11 @@ def stage_printer(console: Console) -> Callable[[str, Run, Any], None]:
             print_extraction_summary(result, console)
         elif step == "select":
             print_selection_summary(run, result, console)
+        elif step == "sweep":
+            for method, records in result.items():
+                console.print(f"[bold]Sweep[/bold] {method}: {len(records)} configurations ({run.path('sweep', method + '.json')})")
+        elif step == "optimize":
+            print_search_summary(result, console)
         elif step == "report":
             html, md = result
             console.print(f"[bold green]Report:[/bold green] {html}\n[bold]Summary:[/bold] {md}")
@@ -158,6 +165,20 @@ def print_selection_summary(run: Run, selections: dict[str, MethodSelection], co
                       *(compress_layers(s.layers(sel.ranked, pool, run.adapter.n_layers)) for s in scopes))
         if sel.fallback_warning:
             console.print(f"[yellow]{sel.fallback_warning}[/yellow]")
+    console.print(table)
+
+
+def print_search_summary(documents: dict[str, dict], console: Console) -> None:
+    """Each method's Pareto front (KL, refusal proxy, layers) as a table."""
+    from rich.table import Table
+
+    table = Table("method", "trials", "front point", "KL", "refusal proxy", "layers", title="Pareto search (proxies)")
+    for method, doc in documents.items():
+        by_index = {r["index"]: r for r in doc["trials"]}
+        for index in doc["front"]:
+            r = by_index[index]
+            layers = f"{r['layers'][0]}..{r['layers'][-1]}" if r["layers"] else "-"
+            table.add_row(method, str(len(doc["trials"])), str(index), f"{r['kl']:.4f}", f"{r['refusal']:.3f}", layers)
     console.print(table)
 
 

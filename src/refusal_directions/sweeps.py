@@ -111,13 +111,3 @@ def run_sweep(scorer: ProxyScorer, directions: DirectionSet, sel: MethodSelectio
     proxies = scorer.score([p.intervention for p in points])
     return [p.record(directions.method, x.refusal, x.kl) for p, x in zip(points, proxies)]
 
-
-def sweep_lines(records: list[dict[str, Any]], family: str) -> dict[str, list[tuple[float, float, float]]]:
-    """(value, refusal, kl) per line of one family, sorted by value; a line per scope (and
-    "non-affine" for LEACE's non-affine erasure)."""
-    lines: dict[str, list[tuple[float, float, float]]] = {}
-    for r in records:
-        if r["family"] == family:
-            label = r["scope"] + ("" if r.get("affine", True) else " non-affine")
-            lines.setdefault(label, []).append((float(r["value"]), float(r["refusal"]), float(r["kl"])))
-    return {label: sorted(points) for label, points in lines.items()}

@@ -5,7 +5,7 @@ prints nothing: a caller that wants to show progress (the command line, ``cli``)
 ``on_event``, called after each step with the step's name and result:
 
     ("open", None)  ("extract", Extraction)  ("select", {method: MethodSelection})
-    ("infer", [InterventionSpec])  ("evaluate", summary dict)  ("report", (html path, md path))
+    ("sweep", {method: records})  ("optimize", {method: optimize document})  ("infer", [InterventionSpec])  ("evaluate", summary dict)  ("report", (html path, md path))
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from ..models import ModelAdapter
 from .stages.evaluate import evaluate
 from .stages.extract import extract
 from .stages.infer import infer
+from .stages.optimize import optimize
 from .stages.select import select
+from .stages.sweep import sweep
 from .store import Run, open_run
 
-STAGE_ORDER = ("extract", "select", "infer", "evaluate", "report")
+STAGE_ORDER = ("extract", "select", "sweep", "optimize", "infer", "evaluate", "report")
 
 # on_event(step, run, result): see the module docstring
 EventListener = Callable[[str, Run, Any], None]
@@ -29,7 +31,8 @@ EventListener = Callable[[str, Run, Any], None]
 
 def run_command(command: str, config: RunConfig, run_dir: Path | None = None,
                 on_event: EventListener | None = None, adapter: ModelAdapter | None = None) -> Run:
-    """Run one stage (``extract``, ``select``, ``infer``, ``evaluate``) or all of them (``run``);
+    """Run one stage (``extract``, ``select``, ``sweep``, ``optimize``, ``infer``, ``evaluate``) or all
+    of them (``run``; sweep and optimize only with ``--sweep`` / ``--optimize``);
     ``adapter``: the model already loaded (default: load ``config.model``)."""
     notify = on_event or (lambda step, run, result: None)
     run = open_run(config, adapter=adapter, run_dir=run_dir)
@@ -44,6 +47,9 @@ def run_command(command: str, config: RunConfig, run_dir: Path | None = None,
     if "select" in stages:
         selections = select(run, extraction)
         notify("select", run, selections)
+    for name, stage in (("sweep", sweep), ("optimize", optimize)):
+        if name in stages:
+            notify(name, run, stage(run, extraction, selections))
     if "infer" in stages:
         plan = infer(run, selections, extraction.direction_sets if extraction else None)
         notify("infer", run, plan)
@@ -62,11 +68,11 @@ def stages_for(command: str, config: RunConfig) -> list[str]:
     ``use_existing`` / ``resume_from_eval`` skip, up to the one ``*_only`` stops after."""
     if command != "run":
         return [command]
-    stages = list(STAGE_ORDER)
+    stages = [s for s in STAGE_ORDER if not (s in ("sweep", "optimize") and not getattr(config, s))]
     if config.use_existing:
         stages = [s for s in stages if s not in ("extract", "select")]
     if config.resume_from_eval:
-        stages = [s for s in stages if s not in ("extract", "select", "infer")]
+        stages = [s for s in stages if s not in ("extract", "select", "sweep", "optimize", "infer")]
     for flag, last in (("extract_only", "extract"), ("select_only", "select"), ("infer_only", "infer")):
         if getattr(config, flag):
             stages = stages[: stages.index(last) + 1] if last in stages else stages

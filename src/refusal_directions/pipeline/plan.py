@@ -24,8 +24,9 @@ from ..config import RunConfig
 from ..directions.base import DirectionSet
 from ..interventions import REMOVAL_NAMES, Intervention, InterventionSpec
 from ..scopes import Scope, ScopeError
+from ..search import matched_damage, search_settings
 from ..selection import MethodSelection, pool_size
-from .store import Run, RunError
+from .store import Run, RunError, valid_json
 
 REMOVE_REFUSAL = -1.0  # ActAdd subtracts the direction: harmful prompts, capability metrics, KL
 INDUCE_REFUSAL = 1.0  # ActAdd adds the direction: the harmless evaluation prompts
@@ -46,6 +47,36 @@ def plan_interventions(run: Run, selections: dict[str, MethodSelection], sets: d
             best = sel.best
             norm = best_norm if best_norm is not None else float(sets[method].scale[best.pos_index, best.layer])
             specs += actadd_specs(method, sel, norm, config.actadd_multipliers)
+    if config.optimize:
+        specs += matched_damage_specs(run, selections)
+    return specs
+
+
+def front_spec_name(method: str, level: float) -> str:
+    """The name of ``method``'s matched-damage intervention at KL level ``level``."""
+    return f"{method}.front-kl{level:g}"
+
+
+def matched_damage_specs(run: Run, selections: dict[str, MethodSelection]) -> list[InterventionSpec]:
+    """Per method and KL level of ``--search-kl-levels``, the removal of the Pareto-front trial with the
+    nearest KL (``search.matched_damage``): per-layer weights along the best component's direction
+    (INLP with the trial's k). ``RunError`` when a method's search has not finished."""
+    key = run.side_stage_key("optimize", search_settings(run.config))
+    specs = []
+    for method, sel in selections.items():
+        saved = valid_json(run.path("optimize", f"{method}.json"), key)
+        if saved is None:
+            raise RunError(f"{method}: no finished Pareto search with these settings in {run.dir}; run "
+                           "`refusal-directions optimize` first (or pass --no-optimize).")
+        front = [r for r in saved["trials"] if r["index"] in set(saved["front"])]
+        for level, chosen in matched_damage(front, run.config.search_kl_levels).items():
+            if chosen is None or not chosen["layers"]:
+                continue
+            fields = _best_component(method, sel)
+            if method == "inlp":
+                fields["k"] = int(chosen["params"].get("k", sel.best.k))
+            specs.append(InterventionSpec(front_spec_name(method, level), "removal", layers=tuple(chosen["layers"]),
+                                          weights=tuple(chosen["weights"]), scope=f"front-kl{level:g}", **fields))
     return specs
 
 

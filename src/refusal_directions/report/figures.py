@@ -251,3 +251,65 @@ def _errbar(value: float, ci: Any) -> list[list[float]] | None:
     if not isinstance(ci, (list, tuple)) or len(ci) != 2 or not (is_number(ci[0]) and is_number(ci[1])):
         return None
     return [[max(0.0, value - ci[0])], [max(0.0, ci[1] - value)]]
+
+
+# ---------------------------------------------------------------------- sweeps and the Pareto search
+SWEEP_FAMILIES = {"strength": "removal strength λ", "reflection": "reflection α", "k": "INLP k (leading directions)",
+                  "actadd": "ActAdd multiplier m (subtracted)"}
+
+
+def sweep_lines(records: Sequence[dict], family: str) -> dict[str, list[tuple[float, float, float]]]:
+    """(value, refusal proxy, KL) per line of one family of ``sweep/<method>.json`` records, sorted by
+    value: one line per scope ("<scope> non-affine" for LEACE's non-affine erasure)."""
+    lines: dict[str, list[tuple[float, float, float]]] = {}
+    for r in records:
+        if r.get("family") == family and is_number(r.get("refusal")) and is_number(r.get("kl")):
+            label = str(r.get("scope")) + ("" if r.get("affine", True) else " non-affine")
+            lines.setdefault(label, []).append((float(r["value"]), float(r["refusal"]), float(r["kl"])))
+    return {label: sorted(points) for label, points in lines.items()}
+
+
+def sweep_figure(records: Sequence[dict], method: str) -> Figure:
+    """Dose-response of one method: per family (a row), the refusal proxy and the KL (symmetric-log
+    scale) against the swept value, one line per scope."""
+    families = [f for f in SWEEP_FAMILIES if sweep_lines(records, f)]
+    fig = Figure(figsize=(9.0, 2.6 * max(1, len(families))))
+    axes = fig.subplots(max(1, len(families)), 2, squeeze=False)
+    for row, family in enumerate(families):
+        for label, points in sweep_lines(records, family).items():
+            xs = [p[0] for p in points]
+            axes[row][0].plot(xs, [p[1] for p in points], marker="o", markersize=3, label=label)
+            axes[row][1].plot(xs, [p[2] for p in points], marker="o", markersize=3, label=label)
+        axes[row][0].set_ylabel("refusal proxy (harmful)", fontsize=8)
+        axes[row][1].set_ylabel("KL (harmless)", fontsize=8)
+        axes[row][1].set_yscale("symlog", linthresh=1e-3)
+        for ax in axes[row]:
+            ax.set_xlabel(SWEEP_FAMILIES[family], fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+        axes[row][1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.suptitle(f"{METHOD_LABELS.get(method, method)}: dose-response on the selection proxies", fontsize=10)
+    return fig
+
+
+def fronts_figure(trials: dict[str, Sequence[dict]], fronts: dict[str, Sequence[dict]], levels: Sequence[float]) -> Figure:
+    """Every method's search trials (faint) and Pareto front (line) in (KL, refusal proxy), KL on a log
+    axis (values below 1e-5 drawn at 1e-5); dotted verticals at the matched-damage KL levels."""
+    fig = Figure(figsize=(8.0, 5.0))
+    ax = fig.add_subplot()
+    clip = lambda v: max(float(v), 1e-5)  # noqa: E731
+    for method, records in trials.items():
+        colour = METHOD_COLOURS.get(method, "#555555")
+        ax.scatter([clip(r["kl"]) for r in records], [r["refusal"] for r in records], s=10, color=colour, alpha=0.25)
+        front = sorted(fronts.get(method) or [], key=lambda r: r["kl"])
+        ax.plot([clip(r["kl"]) for r in front], [r["refusal"] for r in front], marker="o", markersize=4, color=colour,
+                label=f"{METHOD_LABELS.get(method, method)} front ({len(front)} of {len(records)} trials)")
+    for level in levels:
+        ax.axvline(level, color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("KL (harmless validation prompts, proxy)")
+    ax.set_ylabel("refusal proxy (harmful validation prompts)")
+    ax.set_title("Pareto fronts of the search (lower left is better; dotted: matched-damage KL levels)", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    return fig

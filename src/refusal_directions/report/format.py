@@ -97,6 +97,10 @@ def describe_intervention(spec: dict) -> str:
         parts.append(f"{scope}layers {compress_layers(spec.get('layers') or [])}")
         if spec.get("components"):
             parts.append("each component's own direction")
+        if spec.get("weights"):
+            weights = [float(w) for w in spec["weights"]]
+            parts.append(f"per-layer weights {fmt_num(min(weights), 2)}..{fmt_num(max(weights), 2)} (peak at layer "
+                         f"{(spec.get('layers') or [0])[weights.index(max(weights))]})")
     parts.append(f"source pos {spec.get('position')}, layer {spec.get('layer')}")
     if kind == "reflection":
         parts.append(f"α={spec.get('alpha')} ({spec.get('mode')})")

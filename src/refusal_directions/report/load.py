@@ -1,7 +1,8 @@
 """Loading a run folder's report inputs, and reading ``evaluate/summary.json``.
 
 Owns ``RunArtifacts`` and ``load_run`` (``manifest.json``, ``extract/geometry.json``,
-``select/<method>.json``, ``infer/plan.json``, ``evaluate/summary.json``; whatever is missing or stale
+``select/<method>.json``, ``sweep/<method>.json``, ``optimize/<method>.json``, ``infer/plan.json``,
+``evaluate/summary.json``; whatever is missing or stale
 becomes a note, never an error) and the accessors every page uses to walk a summary in report order
 (``ordered_metrics``, ``intervention_names``, ``metric_label``, ``summary_cell``).
 """
@@ -32,6 +33,8 @@ class RunArtifacts:
     selection_raw: dict[str, dict] = field(default_factory=dict)
     plan: list[dict] | None = None
     summary: dict | None = None
+    sweeps: dict[str, dict] = field(default_factory=dict)  # method -> sweep/<method>.json
+    searches: dict[str, dict] = field(default_factory=dict)  # method -> optimize/<method>.json
     stages: dict[str, bool] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -100,6 +103,11 @@ def load_run(run_dir: Path) -> RunArtifacts:
         except (KeyError, TypeError, StopIteration) as err:
             art.notes.append(f"select/{method}.json has an unexpected format ({err!r}); it is left out.")
     art.stages["select"] = bool(art.selections)
+    for folder, into in (("sweep", art.sweeps), ("optimize", art.searches)):
+        for path in sorted((run_dir / folder).glob("*.json"), key=lambda p: _method_sort_key(p.stem)):
+            doc = load_json_or_note(path, art.notes)
+            if isinstance(doc, dict) and isinstance(doc.get("records" if folder == "sweep" else "trials"), list):
+                into[path.stem] = doc
     plan = load_json_or_note(run_dir / "infer" / "plan.json", art.notes)
     if isinstance(plan, dict):
         art.plan = list(plan.get("interventions") or [])

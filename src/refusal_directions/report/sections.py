@@ -15,9 +15,10 @@ import numpy as np
 
 from .. import __version__
 from ..artifacts import read_jsonl
+from ..search import matched_damage
 from ..selection import MethodSelection
-from .figures import (GEOMETRY_PLOTS, SELECTION_METRICS, figure_png, heatmap_figure, inlp_accuracy_figure,
-                      pareto_figure, selection_figure)
+from .figures import (GEOMETRY_PLOTS, SELECTION_METRICS, figure_png, fronts_figure, heatmap_figure, inlp_accuracy_figure,
+                      pareto_figure, selection_figure, sweep_figure)
 from .format import (compress_layers, describe_intervention, evaluate_model_title, fmt_num, format_interval, is_number,
                      model_text, statistics_legend, visible_text)
 from .load import (METHOD_LABELS, STAGES, RunArtifacts, better_arrow, harmful_datasets, intervention_names, metric_label,
@@ -295,6 +296,74 @@ def _pareto_points(summary: dict, names: list[str], x_id: str, y_id: str, y2_id:
     return points, skipped
 
 
+def sweep_section(page: Page, art: RunArtifacts) -> None:
+    """Dose-response per method on the selection proxies (``sweep/<method>.json``); nothing without a sweep."""
+    if not art.sweeps:
+        return
+    page.section("Dose-response on the selection proxies", "sweeps")
+    n_val = next(iter(art.sweeps.values())).get("n_val") or {}
+    page.para("No generation: the refusal proxy is selection's bypass score (mean refusal score at the last prompt "
+              "position, harmful validation prompts; lower means less refusal) and the KL is KL(baseline || intervened) "
+              f"of the next token on the harmless validation prompts (n = {n_val.get('harmful', '?')} harmful, "
+              f"{n_val.get('harmless', '?')} harmless), each under the method's selected direction. Strength λ: "
+              "x − λ U Wᵀ (x − b) at every layer in scope (λ = 1 is the removal); one line per scope.", "small")
+    for method, doc in art.sweeps.items():
+        page.add(image(f"sweep_{method}", figure_png(sweep_figure(doc["records"], method)),
+                       f"{METHOD_LABELS.get(method, method)}: refusal proxy and KL against strength, per scope"))
+
+
+def _fronts(art: RunArtifacts) -> dict[str, list[dict]]:
+    """Each method's Pareto-front trials (``optimize/<method>.json``'s ``front`` indices)."""
+    return {m: [r for r in doc["trials"] if r["index"] in set(doc.get("front") or [])] for m, doc in art.searches.items()}
+
+
+MATCHED_METRICS = ("attack_success/{d}", "coherent_attack_success/{d}", "harmless_refusal", "ce/general", "ce/alpaca",
+                   "mmlu", "arc_challenge/acc", "kl/harmless")
+
+
+def search_section(page: Page, art: RunArtifacts) -> None:
+    """The Pareto fronts of every method's search (one figure) and the matched-damage table: per KL
+    level, each method's front point nearest that KL, evaluated fully (``<method>.front-kl<level>``)."""
+    if not art.searches:
+        return
+    page.section("Pareto search and matched damage", "search")
+    levels = [float(v) for v in art.config.get("search_kl_levels") or []]
+    fronts = _fronts(art)
+    budget = {m: len(doc["trials"]) for m, doc in art.searches.items()}
+    page.para(f"Multi-objective TPE over a per-layer weight kernel (peak layer, peak weight, minimum weight, width; INLP "
+              f"also k), minimising the refusal proxy and the KL; trials per method: "
+              f"{', '.join(f'{METHOD_LABELS.get(m, m)} {n}' for m, n in budget.items())}.", "small")
+    trials = {m: doc["trials"] for m, doc in art.searches.items()}
+    page.add(image("search_fronts", figure_png(fronts_figure(trials, fronts, levels)), "Pareto fronts of every method"))
+    for level in levels:
+        _matched_table(page, art, level, {m: matched_damage(f, [level])[level] for m, f in fronts.items()})
+
+
+def _matched_table(page: Page, art: RunArtifacts, level: float, chosen: dict[str, dict | None]) -> None:
+    """One KL level's table: a row per method (its chosen front point and the evaluated metrics)."""
+    page.subsection(f"KL level {level:g}")
+    summary = art.summary or {}
+    dataset = next(iter(harmful_datasets(art)), "")
+    metrics = [m.format(d=dataset) for m in MATCHED_METRICS if m.format(d=dataset) in (summary.get("metrics") or {})]
+    footnotes: dict[str, int] = {}
+    rows, far = [], []
+    for method, point in chosen.items():
+        if point is None:
+            continue
+        name = f"{method}.front-kl{level:g}"
+        far += [METHOD_LABELS.get(method, method)] if point["far"] else []
+        rows.append(Row((Cell(METHOD_LABELS.get(method, method), sub=name), Cell(fmt_num(point["kl"]), css="num"),
+                         Cell(fmt_num(point["refusal"]), css="num"),
+                         *(metric_cell(summary_cell(summary, name, m), footnotes, False) for m in metrics))))
+    header = (Cell("method"), Cell("proxy KL"), Cell("proxy refusal"),
+              *(Cell(metric_label(summary, m) + better_arrow(summary, m), sub=m) for m in metrics))
+    page.add(Table(header, rows, scroll=True, footnotes=not_run_notes(footnotes)))
+    if far:
+        page.para(f"⚠ No front point near KL {level:g} for {', '.join(far)}: the nearest is more than 2× away.", "small")
+    if not metrics:
+        page.para("Not evaluated yet: run with --optimize (infer and evaluate) to fill the metrics.", "small")
+
+
 def _scope_layers_text(art: RunArtifacts, method: str) -> str:
     """``label: layers`` of each scope of ``method``'s removal, from the plan ("n/a" before infer)."""
     scoped = [s for s in art.plan or [] if s.get("method") == method and s.get("kind") == "removal"
@@ -533,6 +602,8 @@ SECTIONS: tuple[tuple[str, Section], ...] = (
     ("results table", results_table),
     ("chance section", chance_section),
     ("pareto section", pareto_section),
+    ("search section", search_section),
+    ("sweep section", sweep_section),
     ("selection section", selection_section),
     ("inlp section", inlp_section),
     ("geometry section", geometry_section),
