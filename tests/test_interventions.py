@@ -181,7 +181,7 @@ def test_baking_is_refused_where_not_exact():
         assert how == "hooks"
 
 
-@pytest.mark.parametrize("kind", ["projection", "reflection", "actadd", "leace", "none", "composite", "input-only"])
+@pytest.mark.parametrize("kind", ["projection", "reflection", "actadd", "leace", "none", "composite", "input-only", "weighted"])
 def test_slots_equal_hooks(kind):
     from refusal_directions.interventions import InterventionSlots
 
@@ -198,6 +198,7 @@ def test_slots_equal_hooks(kind):
         "none": None,
         "composite": Composite([Removal(Eraser(V[:, :1], V[:, :1]), [1]), Removal(Eraser(V, V), [3])]),
         "input-only": Removal(Eraser(V, V), [1, 2], writes=False),
+        "weighted": Removal(Eraser(V, V), [0, 1, 3], layer_alpha={0: 0.5, 1: 1.25, 3: 0.75}),
     }[kind]
     enc = adapter.encode_instructions(PROMPTS)
     with intervene(adapter, intervention):

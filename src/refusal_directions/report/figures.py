@@ -289,6 +289,7 @@ def sweep_figure(records: Sequence[dict], method: str) -> Figure:
             ax.tick_params(labelsize=7)
         axes[row][1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.suptitle(f"{METHOD_LABELS.get(method, method)}: dose-response on the selection proxies", fontsize=10)
+    fig.subplots_adjust(hspace=0.45)
     return fig
 
 
