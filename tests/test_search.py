@@ -4,6 +4,7 @@ matched-damage choice, and the sweep / optimize stages in a tiny run."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -111,3 +112,11 @@ def test_sweep_and_optimize_stages_reuse_their_artifacts_and_feed_the_plan(tmp_p
     assert set(fronts) == {f"{m}.front-kl0.1" for m in config.methods}
     for spec in fronts.values():
         assert spec.weights and len(spec.weights) == len(spec.layers) and spec.kind == "removal"
+    from refusal_directions.report import write_report
+
+    html, md = write_report(run.dir)
+    text = Path(md).read_text()
+    assert "## Dose-response on the selection proxies" in text and "## Pareto search and matched damage" in text
+    assert "### KL level 0.1" in text and "Not evaluated yet" in text  # infer and evaluate have not run
+    assert all((Path(md).parent / f"sweep_{m}.png").stat().st_size > 1000 for m in config.methods)
+    assert (Path(md).parent / "search_fronts.png").exists()
