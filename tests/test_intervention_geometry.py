@@ -149,3 +149,112 @@ def test_probe_and_numbers_refuse_bad_input(probe):
 def test_verdict_thresholds():
     assert [verdict(t) for t in (-0.2, 0.24, 0.25, 0.74, 0.75, 1.8)] == \
         ["own cluster", "own cluster", "between", "between", "opposite cluster", "opposite cluster"]
+
+
+# ---------------------------------------------------------------------- the pipeline step, on a tiny model
+TINY = {
+    "device": "cpu", "preset": "quick", "n_train": 16, "n_val": 6, "n_test": 3, "positions": [-2, -1],
+    "filter_train": False, "actadd_multipliers": [1.0], "reflection_alphas": [2.0], "methods": ["diff_in_means", "leace"],
+    "safety_judge": "none", "batch_size": 4, "select_only": True,
+}
+
+
+@pytest.fixture(scope="module")
+def geometry_run(tmp_path_factory, data_dir):
+    from refusal_directions import pipeline as P
+    from refusal_directions.config import build_config
+    from tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path_factory.mktemp("model") / "tiny", "llama", n_layers=3, d_model=32)
+    out = tmp_path_factory.mktemp("runs")
+    config, _ = build_config({**TINY, "model": str(model), "output_dir": str(out), "data_dir": str(data_dir)})
+    run = P.run_command("run", config)
+    assert not run.path("evaluate", "intervention_geometry.json").exists()  # select-only: no geometry yet
+    events = []
+    run = P.run_command("geometry", config, on_event=lambda step, r, result: events.append((step, result)))
+    return run, events
+
+
+def test_geometry_command_writes_numbers_points_and_plots(geometry_run):
+    from refusal_directions.artifacts import read_json
+    from refusal_directions.pipeline import load_selection
+
+    run, events = geometry_run
+    result = read_json(run.path("evaluate", "intervention_geometry.json"))
+    assert [step for step, _ in events] == ["open", "geometry"] and events[1][1] == result
+    assert result["key"] == run.stage_key("select")
+    best = load_selection(run)["diff_in_means"].best
+    assert result["settings"]["position"] == best.position
+    assert result["settings"]["layers"] == sorted({best.layer, load_selection(run)["leace"].best.layer, 2})
+    names = [e["name"] for e in result["interventions"]]
+    assert names == [s["name"] for s in result["settings"]["plan"] if s["kind"] != "baseline"]
+    assert any(".actadd-" in n for n in names) and any(".reflection-a2" in n for n in names)
+    for entry in result["interventions"]:
+        for layer in map(str, result["settings"]["layers"]):
+            for cls in ("harmful", "harmless"):
+                cell = entry["layers"][layer][cls]
+                assert cell["n"] == 6 and len(cell["points"]) == 6 and 0.0 <= cell["fraction_called_harmless"] <= 1.0
+    clean = result["clean"][str(result["settings"]["layers"][0])]
+    assert clean["harmful"]["axis_position"] == pytest.approx(0.0, abs=1e-9)
+    assert clean["harmless"]["axis_position"] == pytest.approx(1.0, abs=1e-9)
+    pngs = sorted(p.name for p in run.path("evaluate", "intervention_geometry").glob("*.png"))
+    assert pngs == sorted(f"layer{l}.png" for l in result["settings"]["layers"])
+
+
+def test_actadd_translates_every_activation_at_its_layer(geometry_run):
+    """ActAdd adds one vector at its layer's block input: every prompt's point moves by the same 2-D
+    shift there, opposite for harmful (refusal removed) and harmless prompts (refusal induced)."""
+    from refusal_directions.artifacts import read_json
+
+    run, _ = geometry_run
+    result = read_json(run.path("evaluate", "intervention_geometry.json"))
+    entry = next(e for e in result["interventions"] if e["name"] == "diff_in_means.actadd-x1")
+    layer = str(entry["selected_layer"])
+    shifts = {}
+    for cls in ("harmful", "harmless"):
+        moved = torch.tensor(entry["layers"][layer][cls]["points"])
+        shift = moved - torch.tensor(result["clean"][layer][cls]["points"])
+        torch.testing.assert_close(shift, shift[:1].expand_as(shift), atol=2e-3, rtol=0)
+        shifts[cls] = shift[0]
+    assert float(shifts["harmful"].norm()) > 0.01
+    torch.testing.assert_close(shifts["harmful"], -shifts["harmless"], atol=2e-3, rtol=0)
+
+
+def test_geometry_is_reused_and_redone_when_its_settings_change(geometry_run):
+    import dataclasses
+
+    from refusal_directions import pipeline as P
+
+    run, _ = geometry_run
+    path = run.path("evaluate", "intervention_geometry.json")
+    before = path.stat().st_mtime_ns
+    P.run_command("geometry", run.config, adapter=run.adapter)
+    assert path.stat().st_mtime_ns == before
+    changed = dataclasses.replace(run.config, geometry_probe_l2=0.5)
+    P.run_command("geometry", changed, adapter=run.adapter)
+    from refusal_directions.artifacts import read_json
+
+    assert path.stat().st_mtime_ns != before and read_json(path)["settings"]["probe_l2"] == 0.5
+
+
+def test_report_shows_the_geometry_table_and_plots(geometry_run):
+    from refusal_directions.report import write_report
+
+    run, _ = geometry_run
+    html, md = write_report(run.dir)
+    from refusal_directions.artifacts import read_json
+
+    result = read_json(run.path("evaluate", "intervention_geometry.json"))
+    text = md.read_text()
+    assert "## Geometry of interventions" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and " | " in line]
+    for entry in result["interventions"]:
+        for layer, cell in entry["layers"].items():
+            h = cell["harmful"]
+            assert any(r.startswith(f"| {entry['name']} | {layer} | {h['axis_position']:.3f} | "
+                                    f"{h['fraction_called_harmless']:.3f} |") and h["verdict"] in r for r in rows)
+    assert any(r.startswith("| baseline | ") and "| 0.000 |" in r and "own cluster" in r for r in rows)
+    for layer in result["settings"]["layers"]:
+        assert (run.dir / "report" / f"intervention_geometry_layer{layer}.png").exists()
+    page = html.read_text()
+    assert all(f"layer {layer}: clean (pale) and intervened (dark)" in page for layer in result["settings"]["layers"])

@@ -30,6 +30,7 @@ STAGE_COMMANDS = {
     "run": "Run every stage: extract -> select -> infer -> evaluate -> report (reusing valid artifacts).",
     "extract": "Cache activations and fit every method's directions (stage 1).",
     "select": "Score, filter and rank candidate components on validation prompts (stage 2).",
+    "geometry": "Where each planned intervention moves the validation activations relative to the clean harmful and harmless clusters (after select; part of run).",
     "infer": "Generate completions under every intervention (stage 3).",
     "evaluate": "Judge completions and measure loss and benchmarks under every intervention (stage 4).",
 }
@@ -121,6 +122,8 @@ def stage_printer(console: Console) -> Callable[[str, Run, Any], None]:
             print_extraction_summary(result, console)
         elif step == "select":
             print_selection_summary(run, result, console)
+        elif step == "geometry":
+            print_geometry_summary(result, console)
         elif step == "report":
             html, md = result
             console.print(f"[bold green]Report:[/bold green] {html}\n[bold]Summary:[/bold] {md}")
@@ -158,6 +161,20 @@ def print_selection_summary(run: Run, selections: dict[str, MethodSelection], co
                       *(compress_layers(s.layers(sel.ranked, pool, run.adapter.n_layers)) for s in scopes))
         if sel.fallback_warning:
             console.print(f"[yellow]{sel.fallback_warning}[/yellow]")
+    console.print(table)
+
+
+def print_geometry_summary(result: dict, console: Console) -> None:
+    """Per intervention and layer: where the harmful validation activations land (``intervention_geometry``)."""
+    from rich.table import Table
+
+    table = Table(title="Intervention geometry (harmful validation prompts)")
+    for column in ("intervention", "layer", "t (0 harmful, 1 harmless)", "probe: harmless", "lands"):
+        table.add_column(column)
+    for entry in result.get("interventions") or []:
+        for layer, cell in entry["layers"].items():
+            h = cell["harmful"]
+            table.add_row(entry["name"], layer, f"{h['axis_position']:.2f}", f"{h['fraction_called_harmless']:.2f}", h["verdict"])
     console.print(table)
 
 
