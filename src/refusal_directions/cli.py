@@ -32,6 +32,7 @@ STAGE_COMMANDS = {
     "select": "Score, filter and rank candidate components on validation prompts (stage 2).",
     "sweep": "Dose-response of every method on the selection proxies, no generation (after select; also `run --sweep`).",
     "optimize": "Pareto search (multi-objective TPE, proxies) of every method's per-layer removal kernel (after select; also `run --optimize`).",
+    "geometry": "Where each planned intervention moves the validation activations relative to the clean harmful and harmless clusters (after select; part of run).",
     "infer": "Generate completions under every intervention (stage 3).",
     "evaluate": "Judge completions and measure loss and benchmarks under every intervention (stage 4).",
 }
@@ -128,6 +129,8 @@ def stage_printer(console: Console) -> Callable[[str, Run, Any], None]:
                 console.print(f"[bold]Sweep[/bold] {method}: {len(records)} configurations ({run.path('sweep', method + '.json')})")
         elif step == "optimize":
             print_search_summary(result, console)
+        elif step == "geometry":
+            print_geometry_summary(result, console)
         elif step == "report":
             html, md = result
             console.print(f"[bold green]Report:[/bold green] {html}\n[bold]Summary:[/bold] {md}")
@@ -179,6 +182,20 @@ def print_search_summary(documents: dict[str, dict], console: Console) -> None:
             r = by_index[index]
             layers = f"{r['layers'][0]}..{r['layers'][-1]}" if r["layers"] else "-"
             table.add_row(method, str(len(doc["trials"])), str(index), f"{r['kl']:.4f}", f"{r['refusal']:.3f}", layers)
+    console.print(table)
+
+
+def print_geometry_summary(result: dict, console: Console) -> None:
+    """Per intervention and layer: where the harmful validation activations land (``intervention_geometry``)."""
+    from rich.table import Table
+
+    table = Table(title="Intervention geometry (harmful validation prompts)")
+    for column in ("intervention", "layer", "t (0 harmful, 1 harmless)", "probe: harmless", "lands"):
+        table.add_column(column)
+    for entry in result.get("interventions") or []:
+        for layer, cell in entry["layers"].items():
+            h = cell["harmful"]
+            table.add_row(entry["name"], layer, f"{h['axis_position']:.2f}", f"{h['fraction_called_harmless']:.2f}", h["verdict"])
     console.print(table)
 
 

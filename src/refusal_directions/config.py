@@ -91,6 +91,8 @@ class RunConfig:
     intervention_mode: str = opt("both", "Extra interventions besides removal: actadd, reflection or both.", "infer", ("actadd", "reflection", "both"))
     reflection_alphas: list[float] = opt([1.0, 2.0], "Counterfactual reflection alphas (R = alpha*P + (1-alpha)*I).", "infer")
     reflection_mode: str = opt("reference", "Reflection at every block input and write ('reference') or transforming the concept once ('consistent').", "infer", ("reference", "consistent"))
+    intervention_geometry: bool = opt(True, "Record where each intervention moves the validation activations (harmful and harmless) relative to the clean clusters, at the selected layers and the last layer: evaluate/intervention_geometry.json and scatter plots (one forward per intervention; part of `run`, off in the quick preset, or alone with the `geometry` command).")
+    geometry_probe_l2: float = opt(0.01, "Intervention geometry: L2 coefficient of the logistic probe fitted on the clean train activations (features centred and scaled to unit mean squared norm).")
     eval_datasets: list[str] = opt(["jailbreakbench"], "Harmful evaluation sets.", "infer")
     harmless_eval: str = opt("harmless_test", "Harmless test prompts (refusal on harmless).", "infer")
     max_new_tokens: int = opt(512, "Generation length.", "infer")
@@ -324,6 +326,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sweep_scopes": ["one", "window:2", "all"],
         "search_trials": 24,
         "search_kl_levels": [0.05, 0.2],
+        # one forward per intervention and class: about 12 minutes more on a 2-core CPU
+        "intervention_geometry": False,
     },
 }
 

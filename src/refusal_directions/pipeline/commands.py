@@ -5,7 +5,12 @@ prints nothing: a caller that wants to show progress (the command line, ``cli``)
 ``on_event``, called after each step with the step's name and result:
 
     ("open", None)  ("extract", Extraction)  ("select", {method: MethodSelection})
-    ("sweep", {method: records})  ("optimize", {method: optimize document})  ("infer", [InterventionSpec])  ("evaluate", summary dict)  ("report", (html path, md path))
+    ("sweep", {method: records})  ("optimize", {method: optimize document})
+    ("geometry", intervention geometry dict)  ("infer", [InterventionSpec])  ("evaluate", summary dict)
+    ("report", (html path, md path))
+
+The ``geometry`` command runs the intervention-geometry step alone (on the saved extraction and
+selection); ``run`` runs it after select when ``intervention_geometry`` is on and generation follows.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from .stages.evaluate import evaluate
 from .stages.extract import extract
 from .stages.infer import infer
 from .stages.optimize import optimize
+from .stages.intervention_geometry import intervention_geometry
 from .stages.select import select
 from .stages.sweep import sweep
 from .store import Run, open_run
@@ -31,8 +37,8 @@ EventListener = Callable[[str, Run, Any], None]
 
 def run_command(command: str, config: RunConfig, run_dir: Path | None = None,
                 on_event: EventListener | None = None, adapter: ModelAdapter | None = None) -> Run:
-    """Run one stage (``extract``, ``select``, ``sweep``, ``optimize``, ``infer``, ``evaluate``) or all
-    of them (``run``; sweep and optimize only with ``--sweep`` / ``--optimize``);
+    """Run one stage (``extract``, ``select``, ``sweep``, ``optimize``, ``geometry``, ``infer``, ``evaluate``)
+    or all of them (``run``; sweep and optimize only with ``--sweep`` / ``--optimize``);
     ``adapter``: the model already loaded (default: load ``config.model``)."""
     notify = on_event or (lambda step, run, result: None)
     run = open_run(config, adapter=adapter, run_dir=run_dir)
@@ -50,6 +56,8 @@ def run_command(command: str, config: RunConfig, run_dir: Path | None = None,
     for name, stage in (("sweep", sweep), ("optimize", optimize)):
         if name in stages:
             notify(name, run, stage(run, extraction, selections))
+    if "geometry" in stages or ("infer" in stages and config.intervention_geometry):
+        notify("geometry", run, intervention_geometry(run, extraction=extraction, selections=selections))
     if "infer" in stages:
         plan = infer(run, selections, extraction.direction_sets if extraction else None)
         notify("infer", run, plan)

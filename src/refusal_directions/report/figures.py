@@ -314,3 +314,49 @@ def fronts_figure(trials: dict[str, Sequence[dict]], fronts: dict[str, Sequence[
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     return fig
+
+
+# ---------------------------------------------------------------------- intervention geometry
+CLASS_COLOURS = {"harmful": "#d62728", "harmless": "#1f77b4"}
+
+
+def intervention_geometry_figure(result: dict, layer: str, columns: int = 4) -> Figure:
+    """One panel per intervention of ``result`` (``evaluate/intervention_geometry.json``) at ``layer``:
+    the clean harmful and harmless validation activations (pale) and the same prompts under the
+    intervention (dark), in the 2-D basis (x: the unit diff-in-means direction, harmful to the right;
+    y: the top principal component of the rest), with the clean class means (crosses)."""
+    clean = result["clean"][layer]
+    entries = [e for e in result.get("interventions") or [] if layer in e.get("layers", {})]
+    rows = max(1, math.ceil(len(entries) / columns))
+    fig = Figure(figsize=(3.2 * min(columns, max(1, len(entries))), 3.0 * rows))
+    for i, entry in enumerate(entries):
+        ax = fig.add_subplot(rows, min(columns, len(entries)), i + 1)
+        for cls, colour in CLASS_COLOURS.items():
+            base = np.asarray(clean[cls]["points"], dtype=float).reshape(-1, 2)
+            moved = np.asarray(entry["layers"][layer][cls]["points"], dtype=float).reshape(-1, 2)
+            ax.scatter(base[:, 0], base[:, 1], s=8, color=colour, alpha=0.2, linewidths=0)
+            ax.scatter(moved[:, 0], moved[:, 1], s=10, color=colour, alpha=0.85, marker="^", linewidths=0)
+            ax.scatter([base[:, 0].mean()], [base[:, 1].mean()], s=60, color=colour, marker="x")
+        numbers = entry["layers"][layer]["harmful"]
+        ax.set_title(f"{entry['name']}\nharmful: t = {numbers['axis_position']:.2f}, "
+                     f"probe harmless {numbers['fraction_called_harmless']:.2f}", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], marker=m, color=CLASS_COLOURS[c], linestyle="", alpha=a)
+               for c in CLASS_COLOURS for m, a in (("o", 0.3), ("^", 0.9))]
+    labels = [f"{c} {w}" for c in CLASS_COLOURS for w in ("clean", "intervened")]
+    fig.legend(handles, labels, loc="upper center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle(f"Layer {layer} input: x = diff-in-means direction, y = top principal component of the rest",
+                 fontsize=9, y=1.03)
+    fig.tight_layout()
+    return fig
+
+
+def plot_intervention_geometry(result: dict, out_dir: Path) -> list[Path]:
+    """``layer<l>.png`` in ``out_dir`` for every layer of ``result`` (written atomically); the paths."""
+    written = []
+    for layer in result.get("clean") or {}:
+        path = Path(out_dir) / f"layer{layer}.png"
+        write_bytes(path, figure_png(intervention_geometry_figure(result, layer)))
+        written.append(path)
+    return written

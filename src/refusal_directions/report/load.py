@@ -2,7 +2,7 @@
 
 Owns ``RunArtifacts`` and ``load_run`` (``manifest.json``, ``extract/geometry.json``,
 ``select/<method>.json``, ``sweep/<method>.json``, ``optimize/<method>.json``, ``infer/plan.json``,
-``evaluate/summary.json``; whatever is missing or stale
+``evaluate/intervention_geometry.json``, ``evaluate/summary.json``; whatever is missing or stale
 becomes a note, never an error) and the accessors every page uses to walk a summary in report order
 (``ordered_metrics``, ``intervention_names``, ``metric_label``, ``summary_cell``).
 """
@@ -29,6 +29,7 @@ class RunArtifacts:
     dir: Path
     manifest: dict | None = None
     geometry: dict | None = None
+    intervention_geometry: dict | None = None
     selections: dict[str, MethodSelection] = field(default_factory=dict)
     selection_raw: dict[str, dict] = field(default_factory=dict)
     plan: list[dict] | None = None
@@ -113,6 +114,10 @@ def load_run(run_dir: Path) -> RunArtifacts:
         art.plan = list(plan.get("interventions") or [])
         _check_key(art, plan, "infer", "infer/plan.json")
     art.stages["infer"] = art.plan is not None
+    moved = load_json_or_note(run_dir / "evaluate" / "intervention_geometry.json", art.notes)
+    if isinstance(moved, dict):
+        art.intervention_geometry = moved
+        _check_key(art, moved, "select", "evaluate/intervention_geometry.json")
     summary = load_json_or_note(run_dir / "evaluate" / "summary.json", art.notes)
     if isinstance(summary, dict):
         art.summary = summary

@@ -18,7 +18,7 @@ from ..artifacts import read_jsonl
 from ..search import matched_damage
 from ..selection import MethodSelection
 from .figures import (GEOMETRY_PLOTS, SELECTION_METRICS, figure_png, fronts_figure, heatmap_figure, inlp_accuracy_figure,
-                      pareto_figure, selection_figure, sweep_figure)
+                      intervention_geometry_figure, pareto_figure, selection_figure, sweep_figure)
 from .format import (compress_layers, describe_intervention, evaluate_model_title, fmt_num, format_interval, is_number,
                      model_text, statistics_legend, visible_text)
 from .load import (METHOD_LABELS, STAGES, RunArtifacts, better_arrow, harmful_datasets, intervention_names, metric_label,
@@ -469,6 +469,44 @@ def geometry_section(page: Page, art: RunArtifacts) -> None:
         gallery.images.append(image(f"geometry_{key}", figure_png(fig), title))
 
 
+INTERVENTION_GEOMETRY_COLUMNS = ("intervention", "layer", "harmful t", "harmful probe: harmless", "harmful → harmful mean",
+                                 "harmful → harmless mean", "harmful lands", "harmless t", "harmless probe: harmless",
+                                 "harmless lands")
+
+
+def intervention_geometry_section(page: Page, art: RunArtifacts) -> None:
+    """Where each intervention moves the validation activations: the numbers table and a scatter plot per layer."""
+    geo = art.intervention_geometry
+    if geo is None:
+        return
+    settings = geo.get("settings") or {}
+    page.section("Geometry of interventions: where the activations land", "intervention-geometry")
+    n = settings.get("n_val") or {}
+    page.para(f"Validation activations ({n.get('harmful', '?')} harmful, {n.get('harmless', '?')} harmless prompts) "
+              f"entering each layer at position {settings.get('position', '?')}, before and under each intervention. "
+              "t: the mean position along the axis from the clean harmful mean (0) to the clean harmless mean (1); "
+              "probe: the fraction that a logistic probe fitted on the clean train activations calls harmless; "
+              "distances: mean Euclidean distance to each clean class mean, divided by the distance between the means. "
+              "Lands: own cluster (moved < 0.25 of the way to the other mean), between (< 0.75) or opposite cluster.", "small")
+    rows = [Row(tuple(Cell(v) for v in _geometry_row("baseline", layer, cell))) for layer, cell in (geo.get("clean") or {}).items()]
+    rows += [Row(tuple(Cell(v) for v in _geometry_row(e["name"], layer, cell)))
+             for e in geo.get("interventions") or [] for layer, cell in e.get("layers", {}).items()]
+    page.add(Table(tuple(Cell(c) for c in INTERVENTION_GEOMETRY_COLUMNS), rows, scroll=True))
+    for layer in geo.get("clean") or {}:
+        page.add(image(f"intervention_geometry_layer{layer}", figure_png(intervention_geometry_figure(geo, layer)),
+                       f"layer {layer}: clean (pale) and intervened (dark) validation activations in the "
+                       "diff-in-means / top principal component plane"))
+
+
+def _geometry_row(name: str, layer: str, cell: dict) -> tuple[str, ...]:
+    """The INTERVENTION_GEOMETRY_COLUMNS of one intervention (or the clean baseline) at one layer."""
+    h, b = cell.get("harmful") or {}, cell.get("harmless") or {}
+    return (name, layer, fmt_num(h.get("axis_position")), fmt_num(h.get("fraction_called_harmless")),
+            fmt_num(h.get("distance_to_harmful_mean_normalised")), fmt_num(h.get("distance_to_harmless_mean_normalised")),
+            str(h.get("verdict", "n/a")), fmt_num(b.get("axis_position")), fmt_num(b.get("fraction_called_harmless")),
+            str(b.get("verdict", "n/a")))
+
+
 # ====================================================================== examples and notes
 def examples_section(page: Page, art: RunArtifacts) -> None:
     """The first harmful completions per intervention, with the judge's verdict and coherence."""
@@ -607,6 +645,7 @@ SECTIONS: tuple[tuple[str, Section], ...] = (
     ("selection section", selection_section),
     ("inlp section", inlp_section),
     ("geometry section", geometry_section),
+    ("intervention geometry section", intervention_geometry_section),
     ("per category section", per_category_section),
     ("judge agreement section", agreement_section),
     ("examples section", examples_section),
