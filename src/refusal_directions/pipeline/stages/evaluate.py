@@ -210,8 +210,9 @@ def _arc(run: Run) -> dict:
 def _harmless_kl(run: Run, spec: InterventionSpec, sets: dict[str, DirectionSet], completions: Completions) -> dict:
     """KL(baseline || intervened) on the harmless test prompts and the baseline's own completions
     (first ``kl_tokens`` tokens), with the intervention applied as capability metrics apply it
-    (``plan.capability_sign``). Hooks, never baked weights: both models run per batch (a
-    ``Replacement``, another model's weights, is copied in and out per batch)."""
+    (``plan.capability_sign``). Hooks, never baked weights: the baseline's logits are computed (or
+    reused) first, then the intervened model's (a ``Replacement``, another model's weights, is copied in
+    for the intervened pass)."""
     base = completions["baseline"][run.config.harmless_eval]
     built = build_for_capability(spec, sets)
     intervened = None if spec.kind == "baseline" else (lambda: applied(run.adapter, built, bake_weights=False))
