@@ -273,6 +273,7 @@ def completion_cross_entropy(
     batch_size: int = 8,
     max_rows: int = DEFAULT_MAX_ROWS,
     require_unhooked: bool = True,
+    share_prefix: bool = True,
 ) -> CompletionCE:
     """Teacher-forced cross-entropy of each completion after its chat-formatted instruction.
 
@@ -281,6 +282,10 @@ def completion_cross_entropy(
     (the first ``max_completion_tokens`` of them, when given) are scored, with
     ``prefix_scorer.sequence_logprobs`` (batched, logits only at the scored positions). Unlike
     ``on_distribution_loss`` every completion keeps its place: an empty one gets NaN and 0 tokens.
+    With ``share_prefix`` the common prefix of a group is computed once (equal to scoring each
+    sequence whole up to float rounding): completions of one instruction (several interventions'
+    answers to one prompt) form a group and share the prompt; when no instruction repeats, all
+    form one group and share the chat template's opening.
 
     The model must be the *unmodified* one: with ``require_unhooked`` a ``ValueError`` is raised
     when a forward hook is registered on a decoder layer or write point (an intervention active).
@@ -289,18 +294,35 @@ def completion_cross_entropy(
         raise ValueError(f"{len(instructions)} instructions but {len(completions)} completions")
     if require_unhooked and _hooked(adapter):
         raise ValueError("hooks are registered on the model: coherence cross-entropy needs the unmodified model")
+    pairs = list(zip(instructions, completions))
+    unique = list(dict.fromkeys(pairs)) if share_prefix else pairs  # identical pairs are scored once
+    sequences, starts = _completion_sequences(adapter, unique, max_completion_tokens)
+    prompts = [instruction for instruction, _ in unique]
+    groups = prompts if len(set(prompts)) < len(prompts) else [0] * len(prompts)
+    scores = sequence_logprobs(adapter, sequences, starts, groups=groups, batch_size=batch_size,
+                               share_prefix=share_prefix, max_rows=max_rows, desc="coherence ce")
+    index = {pair: k for k, pair in enumerate(unique)}
+    order = [index[pair] for pair in pairs] if share_prefix else list(range(len(pairs)))
+    sums, counts, bad = (scores.logprob_sums[order].tolist(), scores.n_tokens[order].astype(int).tolist(),
+                         scores.n_nonfinite[order].astype(int).tolist())
+    ce = [float(-s / n) if n else math.nan for s, n in zip(sums, counts)]
+    return CompletionCE(ce=ce, n_tokens=counts, n_nonfinite=bad)
+
+
+def _completion_sequences(adapter: ModelAdapter, pairs: Sequence[tuple[str, str]], max_completion_tokens: int | None
+                          ) -> tuple[list[list[int]], list[int]]:
+    """Token ids of ``format_prompt(instruction) + completion`` (the first ``max_completion_tokens``
+    completion tokens) of each (instruction, completion) pair, and where each completion starts."""
     tokenize = lambda text: list(adapter.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     sequences, starts = [], []
-    for instruction, completion in zip(instructions, completions):
+    for instruction, completion in pairs:
         prompt = tokenize(adapter.format_prompt(instruction))
         answer = tokenize(completion) if completion else []
         if max_completion_tokens is not None:
             answer = answer[:max_completion_tokens]
         sequences.append(prompt + answer)
         starts.append(len(prompt))
-    scores = sequence_logprobs(adapter, sequences, starts, batch_size=batch_size, max_rows=max_rows, desc="coherence ce")
-    ce = [float(-s / n) if n else math.nan for s, n in zip(scores.logprob_sums.tolist(), scores.n_tokens.tolist())]
-    return CompletionCE(ce=ce, n_tokens=scores.n_tokens.astype(int).tolist(), n_nonfinite=scores.n_nonfinite.astype(int).tolist())
+    return sequences, starts
 
 
 # ------------------------------------------------------------------ calibration and the rule

@@ -6,21 +6,24 @@ predicts a completion token (the last prompt position predicts the first), both 
 distributions are compared: ``KL(baseline || intervened)`` in float32 over the whole vocabulary.
 
 Reported per prompt: the first-token KL (selection's proxy, at the answer's start) and the mean KL
-per token over the scored positions. Both forwards of a batch run back to back (the intervention's
-hooks on for the second only), so no baseline distribution is ever stored.
+per token over the scored positions. The baseline's logits at the scored positions of a chunk of
+prompts (all of them unless they exceed ``REUSE_LIMIT_BYTES``) are computed first and held, then the
+intervened model's, batch by batch.
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from torch import Tensor
 
 from ..models import ModelAdapter
 from ..selection import kl_divergence
+from .prefix_scorer import check_head, iter_final_hidden, project_to_logits
 
 
 @dataclass
@@ -48,7 +51,7 @@ def _sequences(adapter: ModelAdapter, prompts: Sequence[str], completions: Seque
     return sequences, prompt_lengths
 
 
-REUSE_LIMIT_BYTES = 4 * 2**30  # baseline log-probabilities kept for reuse across interventions, at most
+REUSE_LIMIT_BYTES = 4 * 2**30  # baseline logits held at once (and kept for reuse across interventions), at most
 
 
 @torch.inference_mode()
@@ -62,42 +65,42 @@ def completion_kl(
     batch_size: int = 8,
     desc: str = "KL",
     reuse: dict | None = None,
+    share_prefix: bool = True,
 ) -> CompletionKL:
     """KL(baseline || intervened) on (prompt, baseline completion) pairs; see the module docstring.
 
     ``intervened()``: a fresh context manager that applies the intervention (hooks) while open;
     None: the unmodified model itself, whose KL is exactly 0 (nothing is computed).
+    Both models' logits come from ``prefix_scorer.iter_final_hidden`` (the prompts' common opening
+    computed once with ``share_prefix``, the LM head only at the scored positions): the baseline's
+    for as many prompts as ``REUSE_LIMIT_BYTES`` allows, then the intervened model's for them.
     ``reuse``: a dict the caller keeps across calls with the same prompts and completions (one per
-    intervention): the baseline's logits of each batch are stored there once (up to
-    ``REUSE_LIMIT_BYTES``) and reused, so later calls run the intervened forward only.
-    Right-padded batches: under causal attention no real token sees the padding after it.
+    intervention): when every prompt's baseline logits fit, they are kept there and later calls
+    run the intervened forward only.
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     sequences, starts = _sequences(adapter, prompts, completions, n_tokens)
-    first, mean, count = [0.0] * len(prompts), [0.0] * len(prompts), [0] * len(prompts)
+    spans = [_scored_span(start, seq) for start, seq in zip(starts, sequences)]
+    first, mean, count = [0.0] * len(prompts), [0.0] * len(prompts), [hi - lo for lo, hi in spans]
     if intervened is None:
-        count = [hi - lo for lo, hi in map(_scored_span, starts, sequences)]
         return CompletionKL(first, mean, count, n_tokens)
-    stored = _reuse_slot(reuse, adapter, sequences, starts, batch_size)
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
-        batch = order[b : b + batch_size]
-        inputs = _right_padded(adapter, [sequences[i] for i in batch])
-        spans = [_scored_span(starts[i], sequences[i]) for i in batch]
-        picked = stored.get(b) if stored is not None else None
-        if picked is None:
-            base = adapter.model(**inputs, use_cache=False).logits
-            picked = [base[row, lo:hi].clone() for row, (lo, hi) in enumerate(spans)]
-            del base
-            if stored is not None:
-                stored[b] = picked
+    check_head(adapter)
+    scorer = functools.partial(_span_logits, adapter, sequences, spans, batch_size=batch_size,
+                               share_prefix=share_prefix, desc=desc)
+    chunks = _chunks(adapter, spans)
+    keep = reuse is not None and len(chunks) == 1
+    key = (tuple(map(tuple, sequences)), tuple(starts))
+    for chunk in chunks:
+        base = reuse.get(key) if keep else None
+        if base is None:
+            base = dict(scorer(chunk))
+            if keep:
+                reuse[key] = base
         with intervened():
-            new = adapter.model(**inputs, use_cache=False).logits
-        for row, (i, (lo, hi)) in enumerate(zip(batch, spans)):
-            kl = kl_divergence(picked[row], new[row, lo:hi]).double().cpu()
-            first[i], mean[i], count[i] = float(kl[0]), float(kl.mean()), int(kl.numel())
-        del new
+            for i, new in scorer(chunk):
+                kl = kl_divergence(base[i], new).double().cpu()
+                first[i], mean[i] = float(kl[0]), float(kl.mean())
     return CompletionKL(first, mean, count, n_tokens)
 
 
@@ -106,25 +109,26 @@ def _scored_span(start: int, sequence: Sequence[int]) -> tuple[int, int]:
     return start - 1, max(start, len(sequence) - 1)
 
 
-def _right_padded(adapter: ModelAdapter, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` [B, max length] of right-padded ``sequences``, on the input device."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), adapter.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.as_tensor(seq)
-        mask[row, : len(seq)] = 1
-    return {"input_ids": ids.to(adapter.input_device), "attention_mask": mask.to(adapter.input_device)}
+def _span_logits(adapter: ModelAdapter, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],
+                 members: Sequence[int], *, batch_size: int, share_prefix: bool, desc: str) -> Iterator[tuple[int, Tensor]]:
+    """``(i, float32 logits [hi - lo, vocab])`` at the scored span of each sequence ``i`` in ``members``,
+    under whatever hooks are active; all members form one group (their common opening is shared)."""
+    positions = [list(range(*spans[i])) for i in members]
+    for batch, hidden in iter_final_hidden(adapter, [sequences[i] for i in members], positions, groups=[0] * len(members),
+                                           batch_size=batch_size, share_prefix=share_prefix, desc=desc):
+        logits = project_to_logits(adapter, torch.cat(hidden)).split([len(h) for h in hidden])
+        yield from ((members[j], row) for j, row in zip(batch, logits))
 
 
-def _reuse_slot(reuse: dict | None, adapter: ModelAdapter, sequences: list[list[int]], starts: list[int],
-                batch_size: int) -> dict | None:
-    """The per-batch store of baseline logits for these exact sequences in ``reuse`` (None: too large or no reuse)."""
-    if reuse is None:
-        return None
-    vocab = int(adapter.lm_head.weight.shape[0]) if getattr(adapter.lm_head, "weight", None) is not None else 0
-    scored = sum(hi - lo for lo, hi in map(_scored_span, starts, sequences))
-    if not vocab or scored * vocab * 4 > REUSE_LIMIT_BYTES:
-        return None
-    key = (tuple(map(tuple, sequences)), tuple(starts), batch_size)
-    return reuse.setdefault(key, {})
+def _chunks(adapter: ModelAdapter, spans: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Consecutive prompt indices in chunks whose baseline logits fit in ``REUSE_LIMIT_BYTES`` (at least one each)."""
+    row_bytes = 4 * int(adapter.lm_head.weight.shape[0]) if getattr(adapter.lm_head, "weight", None) is not None else 0
+    chunks: list[list[int]] = [[]]
+    held = 0
+    for i, (lo, hi) in enumerate(spans):
+        if chunks[-1] and held + (hi - lo) * row_bytes > REUSE_LIMIT_BYTES:
+            chunks.append([])
+            held = 0
+        chunks[-1].append(i)
+        held += (hi - lo) * row_bytes
+    return chunks

@@ -121,12 +121,15 @@ def instruction_loss(
     batch_size: int = 8,
     max_rows: int = DEFAULT_MAX_ROWS,
     corpus: str = "alpaca",
+    share_prefix: bool = True,
 ) -> LossResult:
     """Cross-entropy of the outputs of ``{"instruction", "input", "output"}`` records, in the chat format.
 
     Each sequence is ``tokens(adapter.format_prompt(instruction_text(record)))`` followed by
     ``tokens(output)``; only the output tokens are scored. ``max_length`` (optional) truncates
-    the whole sequence, dropping output tokens beyond it.
+    the whole sequence, dropping output tokens beyond it. With ``share_prefix`` the sequences'
+    common opening (the chat template's, e.g. a default system prompt) is computed once
+    (``prefix_scorer``; equal to scoring each sequence whole up to float rounding).
     """
     sequences, starts = [], []
     for record in records:
@@ -142,7 +145,9 @@ def instruction_loss(
         adapter,
         [sequences[i] for i in keep],
         [starts[i] for i in keep],
+        groups=[0] * len(keep),
         batch_size=batch_size,
+        share_prefix=share_prefix,
         max_rows=max_rows,
         desc=f"loss {corpus}",
     )
@@ -158,9 +163,11 @@ def on_distribution_loss(
     batch_size: int = 8,
     max_rows: int = DEFAULT_MAX_ROWS,
     corpus: str = "on_distribution",
+    share_prefix: bool = True,
 ) -> LossResult:
     """``instruction_loss`` on (instruction, the baseline model's own completion) pairs."""
     if len(instructions) != len(completions):
         raise ValueError(f"{len(instructions)} instructions but {len(completions)} completions")
     records = [{"instruction": i, "input": "", "output": c} for i, c in zip(instructions, completions)]
-    return instruction_loss(adapter, records, max_length=max_length, batch_size=batch_size, max_rows=max_rows, corpus=corpus)
+    return instruction_loss(adapter, records, max_length=max_length, batch_size=batch_size, max_rows=max_rows, corpus=corpus,
+                            share_prefix=share_prefix)

@@ -32,7 +32,7 @@ from ...config import RunConfig
 from ...data import DataError, DatasetUnavailable, load_dataset, sample
 from ...directions.base import DirectionSet
 from ...evaluation import benchmarks, loss
-from ...evaluation.coherence import coherence_features, completion_cross_entropy
+from ...evaluation.coherence import CompletionCE, coherence_features, completion_cross_entropy
 from ...evaluation.divergence import completion_kl
 from ...evaluation.judges import judge_model_unavailable_reason, run_harmbench_judge, run_safety_judge
 from ...evaluation.rubric import RubricJudge, rubric_settings_id, run_rubric_judge
@@ -59,7 +59,7 @@ def evaluate(run: Run, plan: list[InterventionSpec] | None = None, sets: dict[st
         completions = {s.name: {d: load_completions(run, s, d) for d in [*config.eval_datasets, config.harmless_eval]}
                        for s in plan}
         # the unmodified model scores every completion first (no intervention active: outside ``applied``)
-        coherence = {s.name: _coherence_metrics(run, s, completions) for s in plan}
+        coherence = _coherence_metrics(run, plan, completions)
         outcomes = {s.name: _model_metrics(run, s, sets, completions, notes) for s in plan}
         safety = _safety_metrics(run, plan, completions, notes)
         harmbench = _harmbench_metrics(run, plan, completions, notes)
@@ -78,14 +78,17 @@ def metric_path(run: Run, spec: InterventionSpec, metric: str) -> Path:
     return run.path("evaluate", spec.name, metric.replace("/", "__") + ".json")
 
 
+def saved_metric(run: Run, spec: InterventionSpec, metric: str) -> dict | None:
+    """The saved per-item result of ``metric`` for ``spec``; None if missing, stale or ``force_overwrite``."""
+    return None if run.config.force_overwrite else valid_json(metric_path(run, spec, metric), run.stage_key("evaluate"))
+
+
 def cached_metric(run: Run, spec: InterventionSpec, metric: str, compute: Callable[[], dict]) -> dict:
     """The saved per-item result of ``metric`` for ``spec`` (computed and saved if missing or stale)."""
-    key = run.stage_key("evaluate")
-    path = metric_path(run, spec, metric)
-    saved = None if run.config.force_overwrite else valid_json(path, key)
+    saved = saved_metric(run, spec, metric)
     if saved is None:
-        saved = {"key": key, **compute()}
-        write_json(path, saved)
+        saved = {"key": run.stage_key("evaluate"), **compute()}
+        write_json(metric_path(run, spec, metric), saved)
     return saved
 
 
@@ -101,23 +104,40 @@ def general_text_corpus(config: RunConfig) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------- coherence (unmodified model)
-def _coherence_metrics(run: Run, spec: InterventionSpec, completions: Completions) -> dict[str, dict]:
-    """Coherence features of every completion of ``spec`` on each harmful evaluation set, cached as
-    ``evaluate/<intervention>/coherence__<dataset>.json``: the text features of the answer
-    (``reasoning.judged_texts``) and the teacher-forced cross-entropy of the completion as generated
-    under the *unmodified* model (called with no intervention active; ``completion_cross_entropy``
-    raises if a hook is registered). The degeneracy thresholds are calibrated later, in the summary,
-    on the baseline's features of the same set."""
-    return {d: cached_metric(run, spec, f"coherence/{d}", lambda d=d: _coherence_features(run, completions[spec.name][d]))
-            for d in run.config.eval_datasets}
+def _coherence_metrics(run: Run, plan: list[InterventionSpec], completions: Completions) -> dict[str, dict[str, dict]]:
+    """Coherence features of every completion of every intervention on each harmful evaluation
+    set (``[intervention][dataset]``), cached as ``evaluate/<intervention>/coherence__<dataset>.json``:
+    the text features of the answer (``reasoning.judged_texts``) and the teacher-forced
+    cross-entropy of the completion as generated under the *unmodified* model (called with no
+    intervention active; ``completion_cross_entropy`` raises if a hook is registered). The sets not
+    saved yet are scored in one call, so that the interventions' completions of one prompt share it
+    and identical completions are scored once. The degeneracy thresholds are calibrated later, in
+    the summary, on the baseline's features of the same set."""
+    todo = [(s, d) for s in plan for d in run.config.eval_datasets if saved_metric(run, s, f"coherence/{d}") is None]
+    computed = dict(zip([(s.name, d) for s, d in todo], _coherence_features(run, [completions[s.name][d] for s, d in todo])))
+    return {s.name: {d: cached_metric(run, s, f"coherence/{d}", lambda s=s, d=d: computed[(s.name, d)])
+                     for d in run.config.eval_datasets} for s in plan}
 
 
-def _coherence_features(run: Run, rows: list[dict]) -> dict:
-    """The coherence artifact of one set of completions."""
+def _coherence_features(run: Run, sets: list[list[dict]]) -> list[dict]:
+    """The coherence artifact of each set of completions (all scored in one call)."""
     config = run.config
-    responses = [r["response"] for r in rows]
-    ce = completion_cross_entropy(run.adapter, [r["prompt"] for r in rows], responses,
+    rows = [r for rows in sets for r in rows]
+    if not rows:
+        return [_coherence_artifact(config, [], CompletionCE([], [], [])) for _ in sets]
+    ce = completion_cross_entropy(run.adapter, [r["prompt"] for r in rows], [r["response"] for r in rows],
                                   max_completion_tokens=config.max_new_tokens, batch_size=max(1, run.batch_size // 2))
+    out, start = [], 0
+    for part in sets:
+        stop = start + len(part)
+        piece = CompletionCE(ce.ce[start:stop], ce.n_tokens[start:stop], ce.n_nonfinite[start:stop])
+        out.append(_coherence_artifact(config, [r["response"] for r in part], piece))
+        start = stop
+    return out
+
+
+def _coherence_artifact(config: RunConfig, responses: list[str], ce: CompletionCE) -> dict:
+    """The coherence artifact of one set: text features and cross-entropy of each completion."""
     features = coherence_features(judged_texts(responses, config.judge_text), ce)
     return {"max_completion_tokens": config.max_new_tokens, "text": f"{config.judge_text} (judged_texts)",
             "features": [f.to_dict() for f in features], "n_nonfinite": ce.n_nonfinite}
@@ -190,8 +210,9 @@ def _arc(run: Run) -> dict:
 def _harmless_kl(run: Run, spec: InterventionSpec, sets: dict[str, DirectionSet], completions: Completions) -> dict:
     """KL(baseline || intervened) on the harmless test prompts and the baseline's own completions
     (first ``kl_tokens`` tokens), with the intervention applied as capability metrics apply it
-    (``plan.capability_sign``). Hooks, never baked weights: both models run per batch (a
-    ``Replacement``, another model's weights, is copied in and out per batch)."""
+    (``plan.capability_sign``). Hooks, never baked weights: the baseline's logits are computed (or
+    reused) first, then the intervened model's (a ``Replacement``, another model's weights, is copied in
+    for the intervened pass)."""
     base = completions["baseline"][run.config.harmless_eval]
     built = build_for_capability(spec, sets)
     intervened = None if spec.kind == "baseline" else (lambda: applied(run.adapter, built, bake_weights=False))
