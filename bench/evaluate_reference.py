@@ -9,11 +9,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from refusal_directions.evaluation.divergence import CompletionKL, _scored_span, _sequences
+from refusal_directions.evaluation.divergence import REUSE_LIMIT_BYTES, CompletionKL, _scored_span, _sequences
 from refusal_directions.models import ModelAdapter
 from refusal_directions.selection import kl_divergence
-
-REUSE_LIMIT_BYTES = 4 * 2**30
 
 
 @torch.inference_mode()

@@ -48,6 +48,17 @@ def opt(default: Any, help: str, stage: str | None = None, choices: tuple | None
     return field(default=default, metadata=metadata, **kwargs)
 
 
+
+def _check_scopes(texts: list[str], empty_message: str, prefix: str) -> None:
+    """ConfigError when ``texts`` is empty (``empty_message``) or a scope does not parse (``prefix`` + why)."""
+    if not texts:
+        raise ConfigError(empty_message)
+    for text in texts:
+        try:
+            Scope.parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}{exc}") from None
+
 @dataclass
 class RunConfig:
     # ------------------------------------------------------------------ model and data
@@ -162,13 +173,7 @@ class RunConfig:
             raise ConfigError(f"top_fraction is a fraction in (0, 1], not {self.top_fraction} (0.5 means half).")
         if self.top_fraction is not None and self.just_one:
             raise ConfigError("Give either --top-fraction or --just-one, not both.")
-        if not self.scopes:
-            raise ConfigError("scopes must not be empty (e.g. --scopes one top:0.5 all).")
-        for text in self.scopes:
-            try:
-                Scope.parse(text)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+        _check_scopes(self.scopes, "scopes must not be empty (e.g. --scopes one top:0.5 all).", "")
         if len(set(self.scope_list)) != len(self.scope_list):
             raise ConfigError(f"scopes has duplicates: {self.scope_list}.")
         if self.inlp_k_policy == "fixed" and (self.inlp_k is None or self.inlp_k < 1):
@@ -197,13 +202,8 @@ class RunConfig:
                 raise ConfigError(f"{name} must be a non-empty list of finite non-negative numbers, not {values}.")
         if any(v <= 0 for v in self.search_kl_levels):
             raise ConfigError(f"search_kl_levels must be positive KLs (nats), not {self.search_kl_levels}.")
-        if not self.sweep_scopes:
-            raise ConfigError("sweep_scopes must not be empty (e.g. --sweep-scopes one window:2 all).")
-        for text in self.sweep_scopes:
-            try:
-                Scope.parse(text)
-            except ValueError as exc:
-                raise ConfigError(f"sweep_scopes: {exc}") from None
+        _check_scopes(self.sweep_scopes, "sweep_scopes must not be empty (e.g. --sweep-scopes one window:2 all).",
+                      "sweep_scopes: ")
         if self.sweep_stack < 1 or self.search_trials < 1 or self.search_startup_trials < 0:
             raise ConfigError("sweep_stack and search_trials must be at least 1, search_startup_trials at least 0.")
 
