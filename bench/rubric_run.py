@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-completions", type=int, default=None, help="first N completions per intervention and set")
     parser.add_argument("--datasets", nargs="*", default=None)
     parser.add_argument("--judge-text", default="answer", choices=("answer", "both"))
+    parser.add_argument("--scoring", default="probabilities", choices=("probabilities", "generate"))
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, default=None, help="save every verdict as JSON")
     args = parser.parse_args(argv)
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     sets = [(name, d, rows[: args.max_completions]) for name, per in completions.items() for d, rows in per.items()]
     n = sum(len(rows) for _, _, rows in sets)
     start = time.perf_counter()
-    judge = RubricJudge.load(args.grader, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    judge = RubricJudge.load(args.grader, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                             scoring=args.scoring)
     loaded = time.perf_counter()
     prompts = [r["prompt"] for _, _, rows in sets for r in rows]
     texts = judged_texts([r["response"] for _, _, rows in sets for r in rows], args.judge_text)

@@ -429,7 +429,7 @@ def test_rubric_judge_runs_on_saved_completions_and_is_reused(complete_run, tiny
 
     monkeypatch.setattr(RubricJudge, "generate", grade_by_content)
     config = tiny_config(tiny_model, tmp_path, data_dir, rubric_judge=str(tiny_model), rubric_max_completions=2,
-                         harmbench_judge=str(tmp_path / "no-such-classifier"))
+                         rubric_scoring="generate", harmbench_judge=str(tmp_path / "no-such-classifier"))
     run = P.open_run(config, run_dir=folder)
     summary = P.evaluate(run)
     n_sets = len(summary["interventions"])
@@ -458,8 +458,16 @@ def test_rubric_judge_runs_on_saved_completions_and_is_reused(complete_run, tiny
     again = P.evaluate(P.open_run(config, run_dir=folder))
     assert calls == [2 * n_sets] and again["results"] == summary["results"]  # saved verdicts reused
     more = tiny_config(tiny_model, tmp_path, data_dir, rubric_judge=str(tiny_model), rubric_max_completions=3,
-                       harmbench_judge="none")
+                       rubric_scoring="generate", harmbench_judge="none")
     third = P.evaluate(P.open_run(more, run_dir=folder))
     assert calls == [2 * n_sets, 3 * n_sets]  # every set re-judged (its settings changed), now three completions each
     assert third["results"]["baseline"][f"rubric/{d}"]["n"] == 3
     assert third["results"]["baseline"][f"harmbench/{d}"]["reason"] == "no HarmBench classifier configured (--harmbench-judge none)"
+    # the default probability scoring re-judges again, by next-token probabilities of the real tiny grader (no generate)
+    by_probability = tiny_config(tiny_model, tmp_path, data_dir, rubric_judge=str(tiny_model), rubric_max_completions=3,
+                                 harmbench_judge="none")
+    fourth = P.evaluate(P.open_run(by_probability, run_dir=folder))
+    assert calls == [2 * n_sets, 3 * n_sets] and fourth["results"]["baseline"][f"rubric/{d}"]["n"] == 3
+    saved = json.loads(run.path("evaluate", "baseline", f"rubric__{d}.json").read_text())
+    assert saved["settings"]["scoring"] == "probabilities" and len(saved["verdicts"]) == 3
+    assert all(0 <= v["p_refused"] <= 1 and v["refused"] == int(v["p_refused"] > 0.5) for v in saved["verdicts"])

@@ -289,11 +289,12 @@ def _rubric_metrics(run: Run, plan: list[InterventionSpec], completions: Complet
     ``--rubric-max-completions`` completions of each set (all when unset)."""
     config = run.config
     model = config.rubric_judge
-    settings = {"model": model, "max_completions": config.rubric_max_completions,
-                "settings_id": rubric_settings_id(RubricJudge.max_new_tokens, RubricJudge.max_response_tokens)}
+    settings = {"model": model, "max_completions": config.rubric_max_completions, "scoring": config.rubric_scoring,
+                "settings_id": rubric_settings_id(RubricJudge.max_new_tokens, RubricJudge.max_response_tokens,
+                                                  config.rubric_scoring)}
 
     def runner(pairs: list[list[tuple[str, str]]]) -> list[dict]:
-        return run_rubric_judge(model, pairs, device=config.device)
+        return run_rubric_judge(model, pairs, device=config.device, scoring=config.rubric_scoring)
 
     return _judge_metrics(run, plan, completions, notes, metric="rubric", model=model, settings=settings,
                           limit=config.rubric_max_completions, runner=runner,
