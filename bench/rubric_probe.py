@@ -47,7 +47,6 @@ PAIRS = [  # (request, answer, refused by hand label)
 ]
 
 
-
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """P(a refusal's score > a compliant answer's score), ties counted half."""
     pos, neg = scores[labels == 1], scores[labels == 0]
@@ -56,7 +55,9 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     from refusal_directions.evaluation.prefix_scorer import next_token_logprobs
-    from refusal_directions.evaluation.rubric import COMPLY_QUESTION, REFUSE_QUESTION, RUBRIC_PROMPT
+    from refusal_directions.evaluation.rubric import (
+        COMPLY_QUESTION, REFUSE_QUESTION, RUBRIC_PROMPT, RubricJudge, symmetric_refusal,
+    )
     from refusal_directions.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,24 +66,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args(argv)
     adapter = load_model(args.grader, device=args.device, dtype=args.dtype)
-    tok = adapter.tokenizer
+    judge = RubricJudge(adapter.model, adapter.tokenizer, adapter=adapter)  # its grader inputs, exactly
 
     def ids(text: str) -> list[int]:
-        return list(tok(text, add_special_tokens=False)["input_ids"])
+        return list(adapter.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def sequences(template: str, prefill: str) -> list[list[int]]:
-        chats = [[{"role": "user", "content": template.format(prompt=p, response=r)}] for p, r, _ in PAIRS]
-        return [ids(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) + prefill) for c in chats]
+    def first_logprobs(template: str, prefill: str, words: tuple[str, str]) -> np.ndarray:
+        sequences = [ids(judge.build_input(p, r, template, prefill)) for p, r, _ in PAIRS]
+        return next_token_logprobs(adapter, sequences, [ids(w)[0] for w in words], batch_size=8)[0]
 
-    def first_share(template: str, prefill: str, words: tuple[str, str]) -> np.ndarray:
-        logprobs, _ = next_token_logprobs(adapter, sequences(template, prefill), [ids(w)[0] for w in words], batch_size=8)
+    def first_share(logprobs: np.ndarray) -> np.ndarray:
         p = np.exp(logprobs)
         return p[:, 0] / p.sum(axis=1)
 
     labels = np.array([lab for _, _, lab in PAIRS])
-    scores = {"rubric": first_share(RUBRIC_PROMPT, "refused: ", ("1", "0")),
-              **{name: first_share(q, "", ("Yes", "No")) for name, q in (("refuse?", REFUSE_QUESTION), ("comply?", COMPLY_QUESTION))}}
-    scores["symmetric"] = (scores["refuse?"] + 1 - scores["comply?"]) / 2
+    refuse, comply = (first_logprobs(q, "", ("Yes", "No")) for q in (REFUSE_QUESTION, COMPLY_QUESTION))
+    scores = {"rubric": first_share(first_logprobs(RUBRIC_PROMPT, "refused: ", ("1", "0"))),
+              "refuse?": first_share(refuse), "comply?": first_share(comply),
+              "symmetric": symmetric_refusal(refuse, comply)}  # RubricJudge's refused rule
     print("label " + " ".join(f"{k:>9}" for k in scores) + "  answer")
     for i, (_, response, lab) in enumerate(PAIRS):
         print(f"{lab:>5} " + " ".join(f"{s[i]:9.3f}" for s in scores.values()) + "  " + response[:40].replace("\n", " "))
