@@ -10,10 +10,15 @@ from refusal_directions.evaluation import benchmarks
 from refusal_directions.evaluation.benchmarks import (
     arc_prompt,
     arc_shots,
+    arc_inputs,
     encode_pair,
+    encode_pairs,
     evaluate_arc,
     evaluate_mmlu,
+    mmlu_inputs,
     mmlu_prompt,
+    score_arc,
+    score_mmlu,
 )
 from refusal_directions.evaluation.prefix_scorer import SequenceScores
 from refusal_directions.models import ModelAdapter
@@ -177,6 +182,25 @@ def test_arc_loglikelihoods_match_manual_continuations():
         np.concatenate([q["loglikelihoods"] for q in result["questions"]]),
         atol=1e-4,
     )
+
+
+def test_encode_pairs_equals_encode_pair_one_at_a_time():
+    adapter = make_adapter("llama", n_layers=1)
+    pairs = [("Question: a?\nAnswer:", " yes"), ("Question: a?\nAnswer:", " no way"), ("Context ends in spaces  ", "x"),
+             ("", " lone"), ("Question: b?\nAnswer:", " yes")]
+    assert encode_pairs(adapter, pairs) == [encode_pair(adapter, c, x) for c, x in pairs]
+    assert encode_pairs(adapter, pairs, add_special_tokens=False) == [encode_pair(adapter, c, x, False) for c, x in pairs]
+
+
+def test_tokenized_inputs_serve_several_models_like_evaluating_each():
+    """One ``arc_inputs`` / ``mmlu_inputs`` scored under two models equals ``evaluate_*`` on each."""
+    first, second = make_adapter("llama", n_layers=2, seed=0), make_adapter("llama", n_layers=2, seed=1)
+    arc_in = arc_inputs(first, ARC_TEST, ARC_TRAIN, n_shots=2)
+    mmlu_in = mmlu_inputs(first, TEST, DEV, n_shots=2)
+    for model in (first, second):
+        assert score_arc(model, arc_in, batch_size=3) == evaluate_arc(model, ARC_TEST, ARC_TRAIN, n_shots=2, batch_size=3)
+        assert score_mmlu(model, mmlu_in, batch_size=2) == evaluate_mmlu(model, TEST, DEV, n_shots=2, batch_size=2)
+    assert score_arc(first, arc_in)["questions"] != score_arc(second, arc_in)["questions"]
 
 
 def test_arc_acc_norm_divides_by_choice_length(monkeypatch):

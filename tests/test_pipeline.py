@@ -471,3 +471,36 @@ def test_rubric_judge_runs_on_saved_completions_and_is_reused(complete_run, tiny
     saved = json.loads(run.path("evaluate", "baseline", f"rubric__{d}.json").read_text())
     assert saved["settings"]["scoring"] == "probabilities" and len(saved["verdicts"]) == 3
     assert all(0 <= v["p_refused"] <= 1 and v["refused"] == int(v["p_refused"] > 0.5) for v in saved["verdicts"])
+
+
+def test_evaluate_tokenizes_each_benchmark_once_for_all_interventions(complete_run, tiny_model, data_dir, tmp_path,
+                                                                       monkeypatch):
+    """The tokenized text, MMLU and ARC workloads are built once and scored under every
+    intervention, with the same per-item results as when each intervention tokenized its own."""
+    import shutil
+
+    from refusal_directions.evaluation import benchmarks, loss
+
+    folder = tmp_path / "copy"
+    shutil.copytree(complete_run.dir, folder)
+    calls = {"text": 0, "mmlu": 0, "arc": 0}
+
+    def counted(name, build):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return build(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(loss, "text_sequences", counted("text", loss.text_sequences))
+    monkeypatch.setattr(benchmarks, "mmlu_inputs", counted("mmlu", benchmarks.mmlu_inputs))
+    monkeypatch.setattr(benchmarks, "arc_inputs", counted("arc", benchmarks.arc_inputs))
+    for metric in ("ce__general", "mmlu", "arc_challenge"):
+        for path in (folder / "evaluate").glob(f"*/{metric}.json"):
+            path.unlink()
+    summary = P.evaluate(P.open_run(tiny_config(tiny_model, tmp_path, data_dir), run_dir=folder))
+    assert len(summary["interventions"]) > 2 and calls == {"text": 1, "mmlu": 1, "arc": 1}
+    for name in [row["name"] for row in summary["interventions"]]:
+        for metric in ("ce__general", "mmlu", "arc_challenge"):
+            fresh = json.loads((folder / "evaluate" / name / f"{metric}.json").read_text())
+            saved = json.loads((complete_run.dir / "evaluate" / name / f"{metric}.json").read_text())
+            assert_same(fresh, saved, f"{name}/{metric}")

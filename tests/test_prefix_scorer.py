@@ -12,9 +12,11 @@ import torch.nn.functional as F
 
 from refusal_directions.evaluation import attention
 from refusal_directions.evaluation.prefix_scorer import (
+    LOGIT_LIMIT,
     _batches,
     _can_pack,
     _plan,
+    _safe_log_softmax,
     check_head,
     iter_final_hidden,
     sequence_logprobs,
@@ -47,6 +49,25 @@ def test_nonfinite_logits_are_counted_and_clamped(adapter):
         handle.remove()
     assert int(scores.n_nonfinite[0]) == 1
     assert math.isfinite(float(scores.logprob_sums[0]))
+
+
+def _sanitized_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """The documented rule, on every row: NaN -> 0, +-inf -> +-limit, clamp, log-softmax."""
+    fixed = torch.nan_to_num(logits, nan=0.0, posinf=LOGIT_LIMIT, neginf=-LOGIT_LIMIT).clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
+    return torch.log_softmax(fixed, dim=-1)
+
+
+def test_safe_log_softmax_is_plain_on_clean_blocks_and_sanitizes_the_others():
+    torch.manual_seed(0)
+    clean = torch.randn(4, 50) * 8
+    out, nonfinite = _safe_log_softmax(clean)
+    assert torch.equal(out, torch.log_softmax(clean, dim=-1)) and not nonfinite.any()
+    broken = clean.clone()
+    broken[0, 3], broken[1, 7], broken[2, 9], broken[3, 1] = float("nan"), float("inf"), -float("inf"), 3 * LOGIT_LIMIT
+    out, nonfinite = _safe_log_softmax(broken)
+    assert nonfinite.tolist() == [True, True, True, False]  # out of range but finite: clamped, not counted
+    assert torch.isfinite(out).all() and torch.equal(out, _sanitized_log_softmax(broken))
+    assert out[3, 1] == pytest.approx(0.0)  # the clamped logit still dominates its row
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2", "gemma3_text"])

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -53,18 +54,30 @@ def _encode_all(adapter: ModelAdapter, texts: Sequence[str], add_special_tokens:
     return [list(ids) for ids in adapter.tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]]
 
 
+def _move_trailing_space(context: str, continuation: str) -> tuple[str, str]:
+    """lm-evaluation-harness's split: trailing whitespace of the context belongs to the continuation."""
+    n_spaces = len(context) - len(context.rstrip())
+    return (context[:-n_spaces], context[-n_spaces:] + continuation) if n_spaces else (context, continuation)
+
+
 def encode_pair(adapter: ModelAdapter, context: str, continuation: str, add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
     """Token ids of (context, continuation) as lm-evaluation-harness splits them.
 
     Trailing whitespace of the context moves to the continuation; the whole string is encoded
     and the continuation is what follows the separately encoded context's length.
     """
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = _encode(adapter, context + continuation, add_special_tokens)
-    ctx = _encode(adapter, context, add_special_tokens)
-    return ctx, whole[len(ctx) :]
+    return encode_pairs(adapter, [(context, continuation)], add_special_tokens)[0]
+
+
+def encode_pairs(adapter: ModelAdapter, pairs: Sequence[tuple[str, str]],
+                 add_special_tokens: bool = True) -> list[tuple[list[int], list[int]]]:
+    """``encode_pair`` of every (context, continuation), in two tokenizer calls: the distinct
+    contexts (each once) and the whole strings."""
+    split = [_move_trailing_space(context, continuation) for context, continuation in pairs]
+    contexts = list(dict.fromkeys(context for context, _ in split))
+    context_ids = dict(zip(contexts, _encode_all(adapter, contexts, add_special_tokens)))
+    wholes = _encode_all(adapter, [context + continuation for context, continuation in split], add_special_tokens)
+    return [(context_ids[context], whole[len(context_ids[context]):]) for (context, _), whole in zip(split, wholes)]
 
 
 def _select(n_total: int, n_questions: int | None, seed: int) -> list[int]:
@@ -110,13 +123,8 @@ def mmlu_shots(dev: Sequence[Mapping], n_shots: int = 5) -> dict[str, list[Mappi
 
 
 def _single_token_ids(adapter: ModelAdapter, context: str, continuations: Sequence[str], add_special_tokens: bool) -> list[int] | None:
-    ids = []
-    for continuation in continuations:
-        _, cont = encode_pair(adapter, context, continuation, add_special_tokens)
-        if len(cont) != 1:
-            return None
-        ids.append(cont[0])
-    return ids
+    pairs = encode_pairs(adapter, [(context, continuation) for continuation in continuations], add_special_tokens)
+    return [cont[0] for _, cont in pairs] if all(len(cont) == 1 for _, cont in pairs) else None
 
 
 def evaluate_mmlu(
@@ -150,25 +158,73 @@ def evaluate_mmlu(
     ``subject``, ``answer``, ``pred``, ``correct``, ``logprobs`` of A-D), ``scoring``
     (``"next-token"`` or ``"continuation"`` when the letters are not single tokens).
     """
+    inputs = mmlu_inputs(adapter, questions, dev, n_shots=n_shots, n_questions=n_questions, n_subjects=n_subjects,
+                         seed=seed, add_special_tokens=add_special_tokens)
+    return score_mmlu(adapter, inputs, batch_size=batch_size, share_prefix=share_prefix, n_boot=n_boot)
+
+
+@dataclass
+class MmluInputs:
+    """The tokenized MMLU workload of ``evaluate_mmlu`` (independent of the model's weights, so one
+    instance serves every intervention). ``scoring`` is ``"next-token"`` when each letter
+    (``" A"`` .. ``" D"``) is one token: one sequence per question (its prompt) and
+    ``letter_ids``; else ``"continuation"``: four sequences per question (prompt + letter) scored
+    from ``starts``."""
+
+    settings: dict  # n_shots, n_available, seed (echoed in the result)
+    selected: list[int]  # indices into the questions
+    records: list[Mapping]
+    groups: list[str]  # prefix-sharing group of each sequence: the subject
+    scoring: str
+    sequences: list[list[int]]
+    letter_ids: list[int] | None = None
+    starts: list[int] | None = None
+
+
+def mmlu_inputs(
+    adapter: ModelAdapter,
+    questions: Sequence[Mapping],
+    dev: Sequence[Mapping],
+    *,
+    n_shots: int = 5,
+    n_questions: int | None = None,
+    n_subjects: int | None = None,
+    seed: int = 0,
+    add_special_tokens: bool = True,
+) -> MmluInputs:
+    """Select and tokenize ``evaluate_mmlu``'s questions (arguments as there)."""
     shots = mmlu_shots(dev, n_shots)
     selected = _mmlu_selection(questions, shots, n_shots, n_questions, n_subjects, seed)
     records = [questions[i] for i in selected]
     prompts = [mmlu_prompt(r, shots[r["subject"]]) for r in records]
     groups = [r["subject"] for r in records]
-    logprobs, n_nonfinite, scoring = _mmlu_letter_logprobs(
-        adapter, prompts, groups, batch_size=batch_size, share_prefix=share_prefix, add_special_tokens=add_special_tokens
-    )
-    outcomes = _mmlu_outcomes(selected, records, logprobs, n_boot, seed)
+    settings = {"n_shots": n_shots, "n_available": len(questions), "seed": seed}
+    continuations = [" " + letter for letter in MMLU_LETTERS]
+    letter_ids = _single_token_ids(adapter, prompts[0], continuations, add_special_tokens)
+    if letter_ids is not None:
+        return MmluInputs(settings, selected, records, groups, "next-token", _encode_all(adapter, prompts, add_special_tokens),
+                          letter_ids=letter_ids)
+    pairs = encode_pairs(adapter, [(prompt, c) for prompt in prompts for c in continuations], add_special_tokens)
+    return MmluInputs(settings, selected, records, [g for g in groups for _ in continuations], "continuation",
+                      [ctx + cont for ctx, cont in pairs], starts=[len(ctx) for ctx, _ in pairs])
+
+
+def score_mmlu(adapter: ModelAdapter, inputs: MmluInputs, *, batch_size: int = 8, share_prefix: bool = True,
+               n_boot: int = 2000) -> dict:
+    """``evaluate_mmlu``'s result for tokenized ``inputs`` (``mmlu_inputs``) under the model as it is now."""
+    logprobs, n_nonfinite = _mmlu_letter_logprobs(adapter, inputs, batch_size=batch_size, share_prefix=share_prefix)
+    settings = inputs.settings
+    outcomes = _mmlu_outcomes(inputs.selected, inputs.records, logprobs, n_boot, settings["seed"])
     by_subject, per_question = outcomes.pop("by_subject"), outcomes.pop("questions")
     return {
         "benchmark": "mmlu",
-        "n_shots": n_shots,
-        "n": len(records),
-        "n_available": len(questions),
-        "seed": seed,
+        "n_shots": settings["n_shots"],
+        "n": len(inputs.records),
+        "n_available": settings["n_available"],
+        "seed": settings["seed"],
         **outcomes,
         "n_nonfinite": n_nonfinite,
-        "scoring": scoring,
+        "scoring": inputs.scoring,
         "by_subject": by_subject,
         "questions": per_question,
     }
@@ -199,40 +255,17 @@ def _mmlu_selection(
     return selected
 
 
-def _mmlu_letter_logprobs(
-    adapter: ModelAdapter,
-    prompts: Sequence[str],
-    groups: Sequence[str],
-    *,
-    batch_size: int,
-    share_prefix: bool,
-    add_special_tokens: bool,
-) -> tuple[np.ndarray, int, str]:
-    """``(log p of " A" .. " D" [n, 4] float64, non-finite positions, scoring)`` for every prompt.
-
-    One logit row per prompt when each letter is one token (``scoring == "next-token"``);
-    otherwise each letter is scored as a continuation (``"continuation"``). Prompts of one
-    group (subject) share their few-shot prefix.
-    """
-    continuations = [" " + letter for letter in MMLU_LETTERS]
-    letter_ids = _single_token_ids(adapter, prompts[0], continuations, add_special_tokens)
-    if letter_ids is not None:
-        sequences = _encode_all(adapter, prompts, add_special_tokens)
-        logprobs, nonfinite = next_token_logprobs(
-            adapter, sequences, letter_ids, groups=groups, batch_size=batch_size, share_prefix=share_prefix, desc="MMLU"
-        )
-        return logprobs, int(nonfinite.sum()), "next-token"
-    sequences, starts, pair_groups = [], [], []
-    for q, prompt in enumerate(prompts):
-        for continuation in continuations:
-            ctx, cont = encode_pair(adapter, prompt, continuation, add_special_tokens)
-            sequences.append(ctx + cont)
-            starts.append(len(ctx))
-            pair_groups.append(groups[q])
-    scores = sequence_logprobs(
-        adapter, sequences, starts, groups=pair_groups, batch_size=batch_size, share_prefix=share_prefix, desc="MMLU"
-    )
-    return scores.logprob_sums.reshape(len(prompts), 4), int(scores.n_nonfinite.sum()), "continuation"
+def _mmlu_letter_logprobs(adapter: ModelAdapter, inputs: MmluInputs, *, batch_size: int,
+                          share_prefix: bool) -> tuple[np.ndarray, int]:
+    """``(log p of " A" .. " D" [n, 4] float64, non-finite positions)`` of every question: one
+    logit row per question (``"next-token"``) or each letter scored as a continuation."""
+    if inputs.scoring == "next-token":
+        logprobs, nonfinite = next_token_logprobs(adapter, inputs.sequences, inputs.letter_ids, groups=inputs.groups,
+                                                  batch_size=batch_size, share_prefix=share_prefix, desc="MMLU")
+        return logprobs, int(nonfinite.sum())
+    scores = sequence_logprobs(adapter, inputs.sequences, inputs.starts, groups=inputs.groups, batch_size=batch_size,
+                               share_prefix=share_prefix, desc="MMLU")
+    return scores.logprob_sums.reshape(len(inputs.records), 4), int(scores.n_nonfinite.sum())
 
 
 def _mmlu_outcomes(selected: Sequence[int], records: Sequence[Mapping], logprobs: np.ndarray, n_boot: int, seed: int) -> dict:
@@ -329,29 +362,77 @@ def evaluate_arc(
     ``questions`` (per question: ``index``, ``id``, ``answer``, ``pred``, ``pred_norm``,
     ``correct``, ``correct_norm``, ``loglikelihoods``, ``n_choices``).
     """
+    inputs = arc_inputs(adapter, questions, train, n_shots=n_shots, shot_seed=shot_seed, shared_shots=shared_shots,
+                        n_questions=n_questions, seed=seed, add_special_tokens=add_special_tokens)
+    return score_arc(adapter, inputs, batch_size=batch_size, share_prefix=share_prefix, n_boot=n_boot)
+
+
+@dataclass
+class ArcInputs:
+    """The tokenized ARC workload of ``evaluate_arc`` (what does not depend on the model's weights,
+    so one instance serves every intervention): the selected questions and one scored sequence
+    per (question, choice), questions in order, choices in order."""
+
+    settings: dict  # n_shots, shot_seed, shared_shots, n_available, seed (echoed in the result)
+    selected: list[int]  # indices into the questions
+    records: list[Mapping]
+    sequences: list[list[int]]  # token ids of context + " choice"
+    starts: list[int]  # where the choice's tokens start
+    groups: list[int]  # prefix-sharing group: 0 for all with shared shots, else the question's index
+    owners: list[int]  # the question's index in ``records``
+    char_lens: list[float]  # len(choice): acc_norm's divisor
+
+
+def arc_inputs(
+    adapter: ModelAdapter,
+    questions: Sequence[Mapping],
+    train: Sequence[Mapping],
+    *,
+    n_shots: int = 5,
+    shot_seed: int = 1234,
+    shared_shots: bool = True,
+    n_questions: int | None = None,
+    seed: int = 0,
+    add_special_tokens: bool = True,
+) -> ArcInputs:
+    """Select and tokenize ``evaluate_arc``'s questions (arguments as there)."""
     selected = _select(len(questions), n_questions, seed)
     if not selected:
         raise ValueError("no ARC questions to evaluate")
     records = [questions[i] for i in selected]
-    sequences, starts, groups, owners, char_lens = _arc_choice_sequences(
-        adapter, records, train, n_shots, shot_seed, shared_shots, add_special_tokens
-    )
-    scores = sequence_logprobs(
-        adapter, sequences, starts, groups=groups, batch_size=batch_size, share_prefix=share_prefix, desc="ARC"
-    )
-    lls, preds, preds_norm = _arc_predictions(scores.logprob_sums, owners, char_lens, len(records))
+    common_shots = arc_shots(None, train, n_shots, shot_seed) if shared_shots else None
+    contexts = [arc_prompt(r, common_shots if shared_shots else arc_shots(r, train, n_shots, shot_seed)) for r in records]
+    owners = [q for q, r in enumerate(records) for _ in r["choices"]]
+    choices = [choice for r in records for choice in r["choices"]]
+    pairs = encode_pairs(adapter, [(contexts[q], " " + choice) for q, choice in zip(owners, choices)], add_special_tokens)
+    settings = {"n_shots": n_shots, "shot_seed": shot_seed, "shared_shots": shared_shots,
+                "n_available": len(questions), "seed": seed}
+    return ArcInputs(settings, selected, records, sequences=[ctx + cont for ctx, cont in pairs],
+                     starts=[len(ctx) for ctx, _ in pairs], groups=[0 if shared_shots else q for q in owners],
+                     owners=owners, char_lens=[float(len(choice)) for choice in choices])
+
+
+def score_arc(adapter: ModelAdapter, inputs: ArcInputs, *, batch_size: int = 8, share_prefix: bool = True,
+              n_boot: int = 2000) -> dict:
+    """``evaluate_arc``'s result for tokenized ``inputs`` (``arc_inputs``) under the model as it is now."""
+    records = inputs.records
+    scores = sequence_logprobs(adapter, inputs.sequences, inputs.starts, groups=inputs.groups, batch_size=batch_size,
+                               share_prefix=share_prefix, desc="ARC")
+    lls, preds, preds_norm = _arc_predictions(scores.logprob_sums, inputs.owners, inputs.char_lens, len(records))
     answers = np.array([int(r["answer"]) for r in records])
     correct, correct_norm = preds == answers, preds_norm == answers
     chance = float(np.mean([1.0 / len(r["choices"]) for r in records]))
-    acc = _accuracy_summary(correct, chance, n_boot, seed)
-    acc_norm = _accuracy_summary(correct_norm, chance, n_boot, seed)
+    settings = inputs.settings
+    acc = _accuracy_summary(correct, chance, n_boot, settings["seed"])
+    acc_norm = _accuracy_summary(correct_norm, chance, n_boot, settings["seed"])
     return {
-        "benchmark": "arc_challenge", "n_shots": n_shots, "shot_seed": shot_seed, "shared_shots": shared_shots,
-        "n": len(records), "n_available": len(questions), "seed": seed,
+        "benchmark": "arc_challenge", "n_shots": settings["n_shots"], "shot_seed": settings["shot_seed"],
+        "shared_shots": settings["shared_shots"], "n": len(records), "n_available": settings["n_available"],
+        "seed": settings["seed"],
         "acc": acc["accuracy"], "acc_ci": acc["ci"], "acc_norm": acc_norm["accuracy"], "acc_norm_ci": acc_norm["ci"],
         "chance_level": chance, "above_chance": acc_norm["above_chance"], "above_chance_acc": acc["above_chance"],
         "n_nonfinite": int(scores.n_nonfinite.sum()),
-        "questions": _arc_question_rows(selected, records, lls, preds, preds_norm),
+        "questions": _arc_question_rows(inputs.selected, records, lls, preds, preds_norm),
     }
 
 
@@ -367,35 +448,6 @@ def _arc_question_rows(selected: Sequence[int], records: Sequence[Mapping], lls:
          "n_choices": len(r["choices"])}
         for i, r, a, p, pn, c, cn, ll in zip(selected, records, answers, preds, preds_norm, correct, correct_norm, lls)
     ]
-
-
-def _arc_choice_sequences(
-    adapter: ModelAdapter,
-    records: Sequence[Mapping],
-    train: Sequence[Mapping],
-    n_shots: int,
-    shot_seed: int,
-    shared_shots: bool,
-    add_special_tokens: bool,
-) -> tuple[list[list[int]], list[int], list[int], list[int], list[float]]:
-    """One scored sequence per (question, choice), questions in order, choices in order.
-
-    Returns ``(sequences, starts, groups, owners, char_lens)``: token ids of context + " choice",
-    where the choice's tokens start, the prefix-sharing group (0 for every question with shared
-    shots, else the question's index), the question's index, and ``len(choice)`` (acc_norm's divisor).
-    """
-    sequences, starts, groups, owners, char_lens = [], [], [], [], []
-    common_shots = arc_shots(None, train, n_shots, shot_seed) if shared_shots else None
-    for q, record in enumerate(records):
-        context = arc_prompt(record, common_shots if shared_shots else arc_shots(record, train, n_shots, shot_seed))
-        for choice in record["choices"]:
-            ctx, cont = encode_pair(adapter, context, " " + choice, add_special_tokens)
-            sequences.append(ctx + cont)
-            starts.append(len(ctx))
-            groups.append(0 if shared_shots else q)
-            owners.append(q)
-            char_lens.append(float(len(choice)))
-    return sequences, starts, groups, owners, char_lens
 
 
 def _arc_predictions(

@@ -93,13 +93,23 @@ def text_loss(
     tokenizer's BOS token is prepended when it has one (``add_bos``); it counts toward
     ``max_length`` and is never a target. A document of ``L`` tokens contributes ``L - 1`` targets.
     """
+    sequences = text_sequences(adapter, documents, max_length=max_length, add_bos=add_bos)
+    return sequences_loss(adapter, sequences, max_length=max_length, batch_size=batch_size, max_rows=max_rows, corpus=corpus)
+
+
+def text_sequences(adapter: ModelAdapter, documents: Sequence[Mapping | str], *, max_length: int = 256,
+                   add_bos: bool = True) -> list[list[int]]:
+    """``text_loss``'s token ids of each document: [BOS] + its first tokens, ``max_length`` in all."""
     bos = adapter.tokenizer.bos_token_id if add_bos else None
     budget = max_length - (1 if bos is not None else 0)
-    sequences = []
-    for doc in documents:
-        text = doc if isinstance(doc, str) else doc["text"]
-        ids = _leading_tokens(adapter, text, budget)
-        sequences.append(([bos] if bos is not None else []) + ids)
+    head = [bos] if bos is not None else []
+    return [head + _leading_tokens(adapter, doc if isinstance(doc, str) else doc["text"], budget) for doc in documents]
+
+
+def sequences_loss(adapter: ModelAdapter, sequences: Sequence[Sequence[int]], *, max_length: int | None = None,
+                   batch_size: int = 8, max_rows: int = DEFAULT_MAX_ROWS, corpus: str = "text") -> LossResult:
+    """``text_loss`` of already tokenized documents (``text_sequences``): every token but the
+    first is a target; documents shorter than 2 tokens are skipped (``n_skipped``)."""
     keep = [i for i, s in enumerate(sequences) if len(s) >= 2]
     scores = sequence_logprobs(
         adapter, [sequences[i] for i in keep], [1] * len(keep), batch_size=batch_size, max_rows=max_rows, desc=f"loss {corpus}"

@@ -428,9 +428,13 @@ def _select_rows(hidden: Tensor, positions: Sequence[Sequence[int]], rows: Seque
 
 def _safe_log_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
     """``(log_softmax over the vocabulary, bool mask of rows that had non-finite logits)``."""
-    nonfinite = ~torch.isfinite(logits).all(dim=-1)
-    # unconditionally: testing ``nonfinite.any()`` first would make the host wait for the GPU
-    logits = torch.nan_to_num(logits, nan=0.0, posinf=LOGIT_LIMIT, neginf=-LOGIT_LIMIT).clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
+    low, high = torch.aminmax(logits, dim=-1)  # NaN propagates to both
+    nonfinite = ~(torch.isfinite(low) & torch.isfinite(high))
+    # nan_to_num and the clamp leave finite logits within the limit unchanged, so they run only on
+    # blocks that need them: two passes over [rows, vocab] (and their copies) saved on every other
+    # block, for one host check per block (the GPU is far ahead of it only in long forwards)
+    if bool((nonfinite | (low < -LOGIT_LIMIT) | (high > LOGIT_LIMIT)).any()):
+        logits = torch.nan_to_num(logits, nan=0.0, posinf=LOGIT_LIMIT, neginf=-LOGIT_LIMIT).clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
     return torch.log_softmax(logits, dim=-1), nonfinite
 
 

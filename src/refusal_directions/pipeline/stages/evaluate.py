@@ -167,11 +167,21 @@ def _metric_batch_size(run: Run) -> int:
     return max(1, run.batch_size // 2)
 
 
+def _tokenized(run: Run, name: str, build: Callable[[], Any]) -> Any:
+    """``build()``'s tokenized workload of metric ``name``, built once per process and shared by
+    every intervention (``run.scratch``): it depends on the data and tokenizer, not the weights."""
+    inputs = run.scratch.setdefault("tokenized", {})
+    if name not in inputs:
+        inputs[name] = build()
+    return inputs[name]
+
+
 def _general_text_loss(run: Run, corpus: str) -> dict:
     config = run.config
-    docs = load_dataset(corpus, config.data_dir, limit=config.n_loss_docs)
-    return loss.text_loss(run.adapter, docs, max_length=config.loss_max_length, batch_size=_metric_batch_size(run),
-                          corpus=corpus).to_dict()
+    sequences = _tokenized(run, "ce/general", lambda: loss.text_sequences(
+        run.adapter, load_dataset(corpus, config.data_dir, limit=config.n_loss_docs), max_length=config.loss_max_length))
+    return loss.sequences_loss(run.adapter, sequences, max_length=config.loss_max_length,
+                               batch_size=_metric_batch_size(run), corpus=corpus).to_dict()
 
 
 def _alpaca_loss(run: Run) -> dict:
@@ -193,18 +203,19 @@ def _on_distribution_loss(run: Run, completions: Completions) -> dict:
 
 def _mmlu(run: Run) -> dict:
     config = run.config
-    test = load_dataset("mmlu", config.data_dir, split="test")
-    dev = load_dataset("mmlu", config.data_dir, split="dev")
-    return benchmarks.evaluate_mmlu(run.adapter, test, dev, n_questions=config.mmlu_questions,
-                                    n_subjects=config.mmlu_subjects, seed=config.seed, batch_size=_metric_batch_size(run))
+    inputs = _tokenized(run, "mmlu", lambda: benchmarks.mmlu_inputs(
+        run.adapter, load_dataset("mmlu", config.data_dir, split="test"), load_dataset("mmlu", config.data_dir, split="dev"),
+        n_questions=config.mmlu_questions, n_subjects=config.mmlu_subjects, seed=config.seed))
+    return benchmarks.score_mmlu(run.adapter, inputs, batch_size=_metric_batch_size(run))
 
 
 def _arc(run: Run) -> dict:
     config = run.config
-    test = load_dataset("arc_challenge", config.data_dir, split="test")
-    train = load_dataset("arc_challenge", config.data_dir, split="train")
-    return benchmarks.evaluate_arc(run.adapter, test, train, n_shots=config.arc_shots, n_questions=config.arc_questions,
-                                   seed=config.seed, batch_size=_metric_batch_size(run))
+    inputs = _tokenized(run, "arc_challenge", lambda: benchmarks.arc_inputs(
+        run.adapter, load_dataset("arc_challenge", config.data_dir, split="test"),
+        load_dataset("arc_challenge", config.data_dir, split="train"), n_shots=config.arc_shots,
+        n_questions=config.arc_questions, seed=config.seed))
+    return benchmarks.score_arc(run.adapter, inputs, batch_size=_metric_batch_size(run))
 
 
 def _harmless_kl(run: Run, spec: InterventionSpec, sets: dict[str, DirectionSet], completions: Completions) -> dict:
