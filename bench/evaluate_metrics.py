@@ -1,0 +1,126 @@
+"""The evaluate stage's capability metrics per intervention: before vs now, in one process (issue 17 items 1-2).
+
+Before (the code up to 48524cd, reproduced here): every intervention tokenizes its own workload (general-text
+documents, MMLU prompts, ARC pairs one ``encode_pair`` at a time) and every logit block is sanitized
+(``nan_to_num`` + clamp) before the log-softmax. Now: the workloads are tokenized once per stage
+(``text_sequences`` / ``mmlu_inputs`` / ``arc_inputs``, ARC pairs in two tokenizer calls) and only blocks
+with non-finite or out-of-range logits are sanitized. Both score the same model (no intervention: the cost
+does not depend on which one) ``--rounds`` times, alternating old and new; the tokenization of "now" is
+timed once and reported apart (the stage pays it once for all interventions). Prints one JSON line per
+metric: old seconds per intervention, new scoring seconds per intervention, the one-off tokenization, the
+ratio old / new and whether the results are identical.
+
+    python bench/evaluate_metrics.py --data-dir ../shared/datasets                      # quick-preset sizes, CPU
+    python bench/evaluate_metrics.py --device cuda --loss-docs 4096 --mmlu 500 --arc 0  # reference sizes (0 = all)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from refusal_directions.data import load_dataset  # noqa: E402
+from refusal_directions.evaluation import benchmarks, loss, prefix_scorer  # noqa: E402
+from refusal_directions.models import load_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+NEW_LOG_SOFTMAX = prefix_scorer._safe_log_softmax
+
+
+def old_log_softmax(logits):
+    """The log-softmax before: every block sanitized."""
+    nonfinite = ~torch.isfinite(logits).all(dim=-1)
+    limit = prefix_scorer.LOGIT_LIMIT
+    logits = torch.nan_to_num(logits, nan=0.0, posinf=limit, neginf=-limit).clamp(-limit, limit)
+    return torch.log_softmax(logits, dim=-1), nonfinite
+
+
+def old_arc_inputs(adapter, questions, train, *, n_questions, seed) -> benchmarks.ArcInputs:
+    """ARC tokenized as before: one ``encode_pair`` (two tokenizer calls) per (question, choice)."""
+    selected = benchmarks._select(len(questions), n_questions, seed)
+    records = [questions[i] for i in selected]
+    shots = benchmarks.arc_shots(None, train, 5, 1234)
+    sequences, starts, owners, lens = [], [], [], []
+    for q, record in enumerate(records):
+        context = benchmarks.arc_prompt(record, shots)
+        for choice in record["choices"]:
+            ctx, cont = benchmarks.encode_pair(adapter, context, " " + choice)
+            sequences.append(ctx + cont), starts.append(len(ctx)), owners.append(q), lens.append(float(len(choice)))
+    settings = {"n_shots": 5, "shot_seed": 1234, "shared_shots": True, "n_available": len(questions), "seed": seed}
+    return benchmarks.ArcInputs(settings, selected, records, sequences, starts, [0] * len(owners), owners, lens)
+
+
+def timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-dir", default=os.environ.get("REFUSAL_DIRECTIONS_DATA", str(REPO.parent / "shared" / "datasets")))
+    parser.add_argument("--loss-docs", type=int, default=16)
+    parser.add_argument("--mmlu", type=int, default=16)
+    parser.add_argument("--arc", type=int, default=16, help="ARC questions (0: all 1,172)")
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per forward (default: the stage's)")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    adapter = load_model(args.model, device=args.device)
+    batch = args.batch_size or (32 if args.device.startswith("cuda") else 4)  # _metric_batch_size: half of 64 / 8
+    data = args.data_dir
+    docs = load_dataset("lambada", data, limit=args.loss_docs)
+    mmlu_test, mmlu_dev = load_dataset("mmlu", data, split="test"), load_dataset("mmlu", data, split="dev")
+    arc_test, arc_train = load_dataset("arc_challenge", data, split="test"), load_dataset("arc_challenge", data, split="train")
+    n_arc = args.arc or None
+    seed = 42
+
+    tokenize = {
+        "ce/general": lambda: loss.text_sequences(adapter, docs, max_length=256),
+        "mmlu": lambda: benchmarks.mmlu_inputs(adapter, mmlu_test, mmlu_dev, n_questions=args.mmlu, seed=seed),
+        "arc_challenge": lambda: benchmarks.arc_inputs(adapter, arc_test, arc_train, n_questions=n_arc, seed=seed),
+    }
+    old = {
+        "ce/general": lambda: loss.text_loss(adapter, docs, max_length=256, batch_size=batch, corpus="lambada").to_dict(),
+        "mmlu": lambda: benchmarks.evaluate_mmlu(adapter, mmlu_test, mmlu_dev, n_questions=args.mmlu, seed=seed, batch_size=batch),
+        "arc_challenge": lambda: benchmarks.score_arc(
+            adapter, old_arc_inputs(adapter, arc_test, arc_train, n_questions=n_arc, seed=seed), batch_size=batch),
+    }
+    score = {
+        "ce/general": lambda x: loss.sequences_loss(adapter, x, max_length=256, batch_size=batch, corpus="lambada").to_dict(),
+        "mmlu": lambda x: benchmarks.score_mmlu(adapter, x, batch_size=batch),
+        "arc_challenge": lambda x: benchmarks.score_arc(adapter, x, batch_size=batch),
+    }
+    old["mmlu"]()  # warm-up: kernels, allocator, the head check
+    for metric in tokenize:
+        inputs, tokenize_s = timed(tokenize[metric])
+        times = {"old": [], "new": []}
+        results = {}
+        for r in range(args.rounds):
+            for name in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                prefix_scorer._safe_log_softmax = old_log_softmax if name == "old" else NEW_LOG_SOFTMAX
+                results[name], seconds = timed(old[metric] if name == "old" else (lambda: score[metric](inputs)))
+                times[name].append(seconds)
+        prefix_scorer._safe_log_softmax = NEW_LOG_SOFTMAX
+        old_s, new_s = min(times["old"]), min(times["new"])
+        print(json.dumps({"metric": metric, "device": args.device, "old_s": round(old_s, 3), "new_score_s": round(new_s, 3),
+                          "tokenize_once_s": round(tokenize_s, 3), "speedup_per_intervention": round(old_s / new_s, 2),
+                          "identical": results["old"] == results["new"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
