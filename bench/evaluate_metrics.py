@@ -11,7 +11,7 @@ metric: old seconds per intervention, new scoring seconds per intervention, the 
 ratio old / new and whether the results are identical.
 
     python bench/evaluate_metrics.py --data-dir ../shared/datasets                      # quick-preset sizes, CPU
-    python bench/evaluate_metrics.py --device cuda --loss-docs 4096 --mmlu 500 --arc 0  # reference sizes (0 = all)
+    python bench/evaluate_metrics.py --device cuda --loss-docs 4096 --mmlu 500 --mmlu-subjects 0 --arc 0  # reference sizes (0: all)
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("REFUSAL_DIRECTIONS_DATA", str(REPO.parent / "shared" / "datasets")))
     parser.add_argument("--loss-docs", type=int, default=16)
     parser.add_argument("--mmlu", type=int, default=16)
+    parser.add_argument("--mmlu-subjects", type=int, default=2, help="MMLU subjects (0: all; the quick preset's 2)")
     parser.add_argument("--arc", type=int, default=16, help="ARC questions (0: all 1,172)")
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per forward (default: the stage's)")
     parser.add_argument("--rounds", type=int, default=2)
@@ -86,17 +87,18 @@ def main() -> None:
     docs = load_dataset("lambada", data, limit=args.loss_docs)
     mmlu_test, mmlu_dev = load_dataset("mmlu", data, split="test"), load_dataset("mmlu", data, split="dev")
     arc_test, arc_train = load_dataset("arc_challenge", data, split="test"), load_dataset("arc_challenge", data, split="train")
-    n_arc = args.arc or None
+    n_arc, subjects = args.arc or None, args.mmlu_subjects or None
     seed = 42
 
     tokenize = {
         "ce/general": lambda: loss.text_sequences(adapter, docs, max_length=256),
-        "mmlu": lambda: benchmarks.mmlu_inputs(adapter, mmlu_test, mmlu_dev, n_questions=args.mmlu, seed=seed),
+        "mmlu": lambda: benchmarks.mmlu_inputs(adapter, mmlu_test, mmlu_dev, n_questions=args.mmlu, n_subjects=subjects, seed=seed),
         "arc_challenge": lambda: benchmarks.arc_inputs(adapter, arc_test, arc_train, n_questions=n_arc, seed=seed),
     }
     old = {
         "ce/general": lambda: loss.text_loss(adapter, docs, max_length=256, batch_size=batch, corpus="lambada").to_dict(),
-        "mmlu": lambda: benchmarks.evaluate_mmlu(adapter, mmlu_test, mmlu_dev, n_questions=args.mmlu, seed=seed, batch_size=batch),
+        "mmlu": lambda: benchmarks.evaluate_mmlu(adapter, mmlu_test, mmlu_dev, n_questions=args.mmlu, n_subjects=subjects, seed=seed,
+                                              batch_size=batch),
         "arc_challenge": lambda: benchmarks.score_arc(
             adapter, old_arc_inputs(adapter, arc_test, arc_train, n_questions=n_arc, seed=seed), batch_size=batch),
     }
