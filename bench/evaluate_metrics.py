@@ -20,13 +20,14 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from end_to_end import Timer  # noqa: E402
 from refusal_directions.data import load_dataset  # noqa: E402
 from refusal_directions.evaluation import benchmarks, loss, prefix_scorer  # noqa: E402
 from refusal_directions.models import load_model  # noqa: E402
@@ -59,13 +60,10 @@ def old_arc_inputs(adapter, questions, train, *, n_questions, seed) -> benchmark
 
 
 def timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
+    """``(fn(), seconds)``, the GPU synchronized around it (``end_to_end.Timer``)."""
+    with Timer() as t:
+        out = fn()
+    return out, t.seconds
 
 
 def main() -> None:
