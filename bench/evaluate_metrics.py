@@ -12,6 +12,12 @@ ratio old / new and whether the results are identical.
 
     python bench/evaluate_metrics.py --data-dir ../shared/datasets                      # quick-preset sizes, CPU
     python bench/evaluate_metrics.py --device cuda --loss-docs 4096 --mmlu 500 --mmlu-subjects 0 --arc 0  # reference sizes (0: all)
+
+``--compare batching`` times the tokenized workloads scored two ways instead: "old" in batches of
+``--batch-size`` sequences (the stage's count batches, 32 on a GPU), "new" in batches of up to
+``--score-tokens`` tokens (the stage's GPU default, ``evaluate.GPU_SCORE_TOKENS``); both with LM-head
+blocks of ``--max-rows`` rows. "identical" is then exact equality, and the largest differences of the
+per-document losses and the accuracies are printed (bf16 on a GPU: batch composition changes rounding).
 """
 
 from __future__ import annotations
@@ -77,6 +83,9 @@ def main() -> None:
     parser.add_argument("--arc", type=int, default=16, help="ARC questions (0: all 1,172)")
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per forward (default: the stage's)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--compare", choices=("tokenization", "batching"), default="tokenization")
+    parser.add_argument("--score-tokens", type=int, default=32768, help="--compare batching: the token budget")
+    parser.add_argument("--max-rows", type=int, default=prefix_scorer.DEFAULT_MAX_ROWS, help="--compare batching: LM-head rows")
     args = parser.parse_args()
 
     adapter = load_model(args.model, device=args.device)
@@ -106,6 +115,9 @@ def main() -> None:
         "arc_challenge": lambda x: benchmarks.score_arc(adapter, x, batch_size=batch),
     }
     old["mmlu"]()  # warm-up: kernels, allocator, the head check
+    if args.compare == "batching":
+        compare_batching(adapter, tokenize, batch, args)
+        return
     for metric in tokenize:
         inputs, tokenize_s = timed(tokenize[metric])
         times = {"old": [], "new": []}
@@ -120,6 +132,38 @@ def main() -> None:
         print(json.dumps({"metric": metric, "device": args.device, "old_s": round(old_s, 3), "new_score_s": round(new_s, 3),
                           "tokenize_once_s": round(tokenize_s, 3), "speedup_per_intervention": round(old_s / new_s, 2),
                           "identical": results["old"] == results["new"]}), flush=True)
+
+
+def compare_batching(adapter, tokenize, batch: int, args) -> None:
+    """Each tokenized workload scored in count batches (old) and token-budget batches (new)."""
+    tokens, rows = args.score_tokens, args.max_rows
+    runs = {
+        "ce/general": lambda x, **b: loss.sequences_loss(adapter, x, max_length=256, max_rows=rows, corpus="lambada", **b).to_dict(),
+        "mmlu": lambda x, **b: benchmarks.score_mmlu(adapter, x, **b),
+        "arc_challenge": lambda x, **b: benchmarks.score_arc(adapter, x, **b),
+    }
+    ways = {"old": {"batch_size": batch, "max_tokens": None}, "new": {"batch_size": tokens, "max_tokens": tokens}}
+    for metric, build in tokenize.items():
+        inputs = build()
+        times, results = {"old": [], "new": []}, {}
+        for r in range(args.rounds):
+            for name in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                results[name], seconds = timed(lambda: runs[metric](inputs, **ways[name]))
+                times[name].append(seconds)
+        old_s, new_s = min(times["old"]), min(times["new"])
+        print(json.dumps({"metric": metric, "device": args.device, "compare": "batching", "batch_size": batch,
+                          "score_tokens": tokens, "max_rows": rows, "old_s": round(old_s, 3), "new_s": round(new_s, 3),
+                          "speedup": round(old_s / new_s, 2), "identical": results["old"] == results["new"],
+                          **differences(results["old"], results["new"])}), flush=True)
+
+
+def differences(old: dict, new: dict) -> dict:
+    """The largest |difference| of per-document losses (cross-entropy) or of the accuracies (benchmarks)."""
+    if "doc_losses" in old:
+        gap = max((abs(a - b) for a, b in zip(old["doc_losses"], new["doc_losses"])), default=0.0)
+        return {"max_doc_loss_diff": gap, "mean_loss_diff": abs(old["mean_loss"] - new["mean_loss"])}
+    keys = [k for k in ("accuracy", "acc", "acc_norm") if k in old]
+    return {f"{k}_diff": abs(old[k] - new[k]) for k in keys}
 
 
 if __name__ == "__main__":

@@ -504,3 +504,51 @@ def test_evaluate_tokenizes_each_benchmark_once_for_all_interventions(complete_r
             fresh = json.loads((folder / "evaluate" / name / f"{metric}.json").read_text())
             saved = json.loads((complete_run.dir / "evaluate" / name / f"{metric}.json").read_text())
             assert_same(fresh, saved, f"{name}/{metric}")
+
+
+def test_evaluate_with_a_token_budget_scores_like_count_batches(complete_run, tiny_model, data_dir, tmp_path, monkeypatch):
+    """``score_tokens`` reaches every scorer call of the capability metrics and coherence (the KL
+    keeps its count batches), and the results equal those of the count-limited batches."""
+    import shutil
+
+    from refusal_directions.evaluation import prefix_scorer
+
+    folder = tmp_path / "copy"
+    shutil.copytree(complete_run.dir, folder)
+    budgets = []
+    real = prefix_scorer.iter_final_hidden
+
+    def recording(*args, **kwargs):
+        budgets.append((kwargs.get("desc"), kwargs.get("max_tokens"), kwargs.get("batch_size")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prefix_scorer, "iter_final_hidden", recording)
+    metrics = ("ce__general", "ce__on_distribution", "mmlu", "arc_challenge", "coherence__harmful")
+    for path in (folder / "evaluate").glob("*/*.json"):
+        if path.stem in metrics or path.stem.startswith("coherence"):
+            path.unlink()
+    summary = P.evaluate(P.open_run(tiny_config(tiny_model, tmp_path, data_dir, score_tokens=96), run_dir=folder))
+    scored = {desc.split(" ")[0] for desc, tokens, rows in budgets if tokens == 96 and rows == 96}
+    assert {"loss", "MMLU", "ARC", "coherence"} <= scored
+    assert all(tokens is None for desc, tokens, _ in budgets if desc.startswith("KL"))
+    for name in [row["name"] for row in summary["interventions"]]:
+        for path in (complete_run.dir / "evaluate" / name).glob("*.json"):
+            if path.stem in metrics or path.stem.startswith("coherence"):
+                fresh = json.loads((folder / "evaluate" / name / path.name).read_text())
+                assert_same(fresh, json.loads(path.read_text()), f"{name}/{path.stem}")
+
+
+def test_scoring_batches_use_a_token_budget_on_gpu_unless_the_batch_size_is_set(tiny_model, data_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from refusal_directions.pipeline.stages.evaluate import GPU_SCORE_TOKENS, _scoring_batches
+
+    def run(device, **extra):
+        config = tiny_config(tiny_model, tmp_path, data_dir, **{"batch_size": None, **extra})
+        batch = config.batch_size or (64 if device == "cuda" else 16)
+        return SimpleNamespace(config=config, adapter=SimpleNamespace(input_device=torch.device(device)), batch_size=batch)
+
+    assert _scoring_batches(run("cpu")) == {"batch_size": 8, "max_tokens": None}
+    assert _scoring_batches(run("cuda")) == {"batch_size": GPU_SCORE_TOKENS, "max_tokens": GPU_SCORE_TOKENS}
+    assert _scoring_batches(run("cuda", batch_size=20)) == {"batch_size": 10, "max_tokens": None}
+    assert _scoring_batches(run("cpu", score_tokens=500)) == {"batch_size": 500, "max_tokens": 500}

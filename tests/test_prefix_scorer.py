@@ -119,6 +119,50 @@ def test_batches_are_longest_first_with_bounded_padding():
     assert [len(b) for b in _batches(lengths, batch_size=8, max_padding=float("inf"))] == [7]
 
 
+
+def test_token_budget_closes_batches_by_padded_tokens_and_cached_context():
+    """With ``max_tokens``, a batch closes before items x (longest + context) exceeds it; the count
+    cap and the padding rule still apply, and an item longer than the budget gets a batch alone."""
+    lengths = [100, 90, 95, 80, 85, 300]
+    budget = _batches(lengths, batch_size=100, max_padding=float("inf"), max_tokens=300)
+    assert [[lengths[i] for i in b] for b in budget] == [[300], [100, 95, 90], [85, 80]]
+    with_context = _batches(lengths, batch_size=100, max_padding=float("inf"), max_tokens=300, context=50)
+    assert [[lengths[i] for i in b] for b in with_context] == [[300], [100, 95], [90, 85], [80]]
+    assert _batches(lengths, batch_size=2, max_padding=float("inf"), max_tokens=10_000) == _batches(
+        lengths, batch_size=2, max_padding=float("inf"))
+    assert _batches(lengths, batch_size=100, max_tokens=10_000) == _batches(lengths, batch_size=100)
+
+
+def test_token_budget_batches_score_like_count_batches():
+    """Token-budgeted batches (loose sequences and suffixes over cached prefixes) give the scores of
+    count-limited ones; a forward's rows x (width + cached prefix) stays within the budget unless a
+    single row exceeds it."""
+    adapter = make_adapter("qwen2", n_layers=2)
+    prefix = list(range(20, 50))
+    seqs = [prefix + list(range(60, 60 + k)) for k in (3, 5, 8, 2, 7, 4)] + [list(range(100 + k, 112 + k)) for k in range(4)]
+    starts = [30] * 6 + [1] * 4
+    groups = ["p"] * 6 + [f"alone{k}" for k in range(4)]
+    decoder = adapter.model.get_decoder()
+    forwards = []
+
+    def record(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        rows, width = kwargs["input_ids"].shape
+        forwards.append((rows, width, cache.get_seq_length() if cache is not None else 0))
+
+    by_count = sequence_logprobs(adapter, seqs, starts, groups=groups, batch_size=2)
+    handle = decoder.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        by_tokens = sequence_logprobs(adapter, seqs, starts, groups=groups, batch_size=1000, max_tokens=40)
+    finally:
+        handle.remove()
+    # the 29-token prefix; its 6 suffixes (35 tokens) packed in one row over it: alone, over budget;
+    # the four 12-token sequences, 3 then 1 (4 x 12 > 40)
+    assert forwards == [(1, 29, 0), (1, 35, 29), (3, 12, 0), (1, 12, 0)]
+    torch.testing.assert_close(torch.from_numpy(by_tokens.logprob_sums), torch.from_numpy(by_count.logprob_sums), atol=1e-5, rtol=1e-5)
+    assert by_tokens.n_tokens.tolist() == by_count.n_tokens.tolist()
+
+
 @pytest.mark.parametrize("batch_size", [1, 8])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_padded_and_prefix_shared_scoring_match_each_sequence_alone(arch, batch_size, monkeypatch):

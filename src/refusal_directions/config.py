@@ -73,6 +73,7 @@ class RunConfig:
     protocol: str = opt("ours", "Behaviour protocol: 'ours' (documented defaults) or 'reference' (every behaviour of the reference tool, eliroc98/refusal_direction, at once: see README 'Reference protocol'). Explicit flags override it.", None, ("ours", "reference"))
     preset: str | None = opt(None, "Size preset: 'quick' (CPU-sized run, about 30 min on 2 cores) or 'reference' (the reference sizes). Default: reference on GPU, quick on CPU.", choices=("quick", "reference"))
     batch_size: int | None = opt(None, "Prompts per forward pass (default: chosen from the device).")
+    score_tokens: int | None = opt(None, "Evaluate stage: tokens per scoring forward (padded, a row's cached prompt prefix included) of cross-entropy, MMLU, ARC and coherence, which then batch by tokens instead of by count. Default: 32768 on GPU unless --batch-size is set (lower it if a forward runs out of GPU memory); on CPU, half the batch size in sequences. Numbers change only by float rounding.")
     # ------------------------------------------------------------------ extraction
     methods: list[str] = opt(["diff_in_means", "inlp", "leace"], "Direction methods to run.", "extract")
     n_train: int = opt(128, "Harmful and harmless train prompts each (directions).", "extract")
@@ -190,6 +191,8 @@ class RunConfig:
             raise ConfigError(f"coherence_quantile is a quantile in (0, 1], not {self.coherence_quantile}.")
         if self.rubric_max_completions is not None and self.rubric_max_completions < 1:
             raise ConfigError("rubric_max_completions must be at least 1 (or none: every completion).")
+        if self.score_tokens is not None and self.score_tokens < 1:
+            raise ConfigError("score_tokens must be at least 1 (or none: chosen from the device).")
         self._validate_sweeps()
         if self.coherence_ce_mads < 0 or self.coherence_ce_margin < 0:
             raise ConfigError("coherence_ce_mads and coherence_ce_margin must not be negative.")

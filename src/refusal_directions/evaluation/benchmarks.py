@@ -209,10 +209,12 @@ def mmlu_inputs(
                       [ctx + cont for ctx, cont in pairs], starts=[len(ctx) for ctx, _ in pairs])
 
 
-def score_mmlu(adapter: ModelAdapter, inputs: MmluInputs, *, batch_size: int = 8, share_prefix: bool = True,
+def score_mmlu(adapter: ModelAdapter, inputs: MmluInputs, *, batch_size: int = 8, max_tokens: int | None = None,
+               share_prefix: bool = True,
                n_boot: int = 2000) -> dict:
     """``evaluate_mmlu``'s result for tokenized ``inputs`` (``mmlu_inputs``) under the model as it is now."""
-    logprobs, n_nonfinite = _mmlu_letter_logprobs(adapter, inputs, batch_size=batch_size, share_prefix=share_prefix)
+    logprobs, n_nonfinite = _mmlu_letter_logprobs(adapter, inputs, batch_size=batch_size, max_tokens=max_tokens,
+                                                  share_prefix=share_prefix)
     settings = inputs.settings
     outcomes = _mmlu_outcomes(inputs.selected, inputs.records, logprobs, n_boot, settings["seed"])
     by_subject, per_question = outcomes.pop("by_subject"), outcomes.pop("questions")
@@ -255,16 +257,17 @@ def _mmlu_selection(
     return selected
 
 
-def _mmlu_letter_logprobs(adapter: ModelAdapter, inputs: MmluInputs, *, batch_size: int,
+def _mmlu_letter_logprobs(adapter: ModelAdapter, inputs: MmluInputs, *, batch_size: int, max_tokens: int | None,
                           share_prefix: bool) -> tuple[np.ndarray, int]:
     """``(log p of " A" .. " D" [n, 4] float64, non-finite positions)`` of every question: one
     logit row per question (``"next-token"``) or each letter scored as a continuation."""
     if inputs.scoring == "next-token":
         logprobs, nonfinite = next_token_logprobs(adapter, inputs.sequences, inputs.letter_ids, groups=inputs.groups,
-                                                  batch_size=batch_size, share_prefix=share_prefix, desc="MMLU")
+                                                  batch_size=batch_size, max_tokens=max_tokens, share_prefix=share_prefix,
+                                                  desc="MMLU")
         return logprobs, int(nonfinite.sum())
     scores = sequence_logprobs(adapter, inputs.sequences, inputs.starts, groups=inputs.groups, batch_size=batch_size,
-                               share_prefix=share_prefix, desc="MMLU")
+                               max_tokens=max_tokens, share_prefix=share_prefix, desc="MMLU")
     return scores.logprob_sums.reshape(len(inputs.records), 4), int(scores.n_nonfinite.sum())
 
 
@@ -412,12 +415,13 @@ def arc_inputs(
                      owners=owners, char_lens=[float(len(choice)) for choice in choices])
 
 
-def score_arc(adapter: ModelAdapter, inputs: ArcInputs, *, batch_size: int = 8, share_prefix: bool = True,
+def score_arc(adapter: ModelAdapter, inputs: ArcInputs, *, batch_size: int = 8, max_tokens: int | None = None,
+              share_prefix: bool = True,
               n_boot: int = 2000) -> dict:
     """``evaluate_arc``'s result for tokenized ``inputs`` (``arc_inputs``) under the model as it is now."""
     records = inputs.records
     scores = sequence_logprobs(adapter, inputs.sequences, inputs.starts, groups=inputs.groups, batch_size=batch_size,
-                               share_prefix=share_prefix, desc="ARC")
+                               max_tokens=max_tokens, share_prefix=share_prefix, desc="ARC")
     lls, preds, preds_norm = _arc_predictions(scores.logprob_sums, inputs.owners, inputs.char_lens, len(records))
     answers = np.array([int(r["answer"]) for r in records])
     correct, correct_norm = preds == answers, preds_norm == answers

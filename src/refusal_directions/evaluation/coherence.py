@@ -272,6 +272,7 @@ def completion_cross_entropy(
     max_completion_tokens: int | None = None,
     batch_size: int = 8,
     max_rows: int = DEFAULT_MAX_ROWS,
+    max_tokens: int | None = None,
     require_unhooked: bool = True,
     share_prefix: bool = True,
 ) -> CompletionCE:
@@ -300,7 +301,7 @@ def completion_cross_entropy(
     prompts = [instruction for instruction, _ in unique]
     groups = prompts if len(set(prompts)) < len(prompts) else [0] * len(prompts)
     scores = sequence_logprobs(adapter, sequences, starts, groups=groups, batch_size=batch_size,
-                               share_prefix=share_prefix, max_rows=max_rows, desc="coherence ce")
+                               share_prefix=share_prefix, max_rows=max_rows, max_tokens=max_tokens, desc="coherence ce")
     index = {pair: k for k, pair in enumerate(unique)}
     order = [index[pair] for pair in pairs] if share_prefix else list(range(len(pairs)))
     sums, counts, bad = (scores.logprob_sums[order].tolist(), scores.n_tokens[order].astype(int).tolist(),

@@ -85,6 +85,7 @@ def text_loss(
     add_bos: bool = True,
     batch_size: int = 8,
     max_rows: int = DEFAULT_MAX_ROWS,
+    max_tokens: int | None = None,
     corpus: str = "text",
 ) -> LossResult:
     """Cross-entropy of general text: every predicted token of each document's first ``max_length`` tokens.
@@ -92,9 +93,12 @@ def text_loss(
     Documents are ``{"text": ...}`` records (``data.load_dataset`` kind ``text``) or strings. The
     tokenizer's BOS token is prepended when it has one (``add_bos``); it counts toward
     ``max_length`` and is never a target. A document of ``L`` tokens contributes ``L - 1`` targets.
+    ``batch_size`` (sequences per forward) and ``max_tokens`` (padded tokens per forward, optional):
+    ``prefix_scorer.iter_final_hidden``.
     """
     sequences = text_sequences(adapter, documents, max_length=max_length, add_bos=add_bos)
-    return sequences_loss(adapter, sequences, max_length=max_length, batch_size=batch_size, max_rows=max_rows, corpus=corpus)
+    return sequences_loss(adapter, sequences, max_length=max_length, batch_size=batch_size, max_rows=max_rows,
+                          max_tokens=max_tokens, corpus=corpus)
 
 
 def text_sequences(adapter: ModelAdapter, documents: Sequence[Mapping | str], *, max_length: int = 256,
@@ -107,12 +111,14 @@ def text_sequences(adapter: ModelAdapter, documents: Sequence[Mapping | str], *,
 
 
 def sequences_loss(adapter: ModelAdapter, sequences: Sequence[Sequence[int]], *, max_length: int | None = None,
-                   batch_size: int = 8, max_rows: int = DEFAULT_MAX_ROWS, corpus: str = "text") -> LossResult:
+                   batch_size: int = 8, max_rows: int = DEFAULT_MAX_ROWS, max_tokens: int | None = None,
+                   corpus: str = "text") -> LossResult:
     """``text_loss`` of already tokenized documents (``text_sequences``): every token but the
     first is a target; documents shorter than 2 tokens are skipped (``n_skipped``)."""
     keep = [i for i, s in enumerate(sequences) if len(s) >= 2]
     scores = sequence_logprobs(
-        adapter, [sequences[i] for i in keep], [1] * len(keep), batch_size=batch_size, max_rows=max_rows, desc=f"loss {corpus}"
+        adapter, [sequences[i] for i in keep], [1] * len(keep), batch_size=batch_size, max_rows=max_rows,
+        max_tokens=max_tokens, desc=f"loss {corpus}"
     )
     return _loss_result(corpus, scores, max_length, len(sequences) - len(keep))
 
@@ -130,6 +136,7 @@ def instruction_loss(
     max_length: int | None = None,
     batch_size: int = 8,
     max_rows: int = DEFAULT_MAX_ROWS,
+    max_tokens: int | None = None,
     corpus: str = "alpaca",
     share_prefix: bool = True,
 ) -> LossResult:
@@ -159,6 +166,7 @@ def instruction_loss(
         batch_size=batch_size,
         share_prefix=share_prefix,
         max_rows=max_rows,
+        max_tokens=max_tokens,
         desc=f"loss {corpus}",
     )
     return _loss_result(corpus, scores, max_length, len(records) - len(keep))
@@ -172,6 +180,7 @@ def on_distribution_loss(
     max_length: int | None = None,
     batch_size: int = 8,
     max_rows: int = DEFAULT_MAX_ROWS,
+    max_tokens: int | None = None,
     corpus: str = "on_distribution",
     share_prefix: bool = True,
 ) -> LossResult:
@@ -179,5 +188,5 @@ def on_distribution_loss(
     if len(instructions) != len(completions):
         raise ValueError(f"{len(instructions)} instructions but {len(completions)} completions")
     records = [{"instruction": i, "input": "", "output": c} for i, c in zip(instructions, completions)]
-    return instruction_loss(adapter, records, max_length=max_length, batch_size=batch_size, max_rows=max_rows, corpus=corpus,
-                            share_prefix=share_prefix)
+    return instruction_loss(adapter, records, max_length=max_length, batch_size=batch_size, max_rows=max_rows,
+                            max_tokens=max_tokens, corpus=corpus, share_prefix=share_prefix)

@@ -122,7 +122,7 @@ def _plan(
         prefix = common_prefix_length([sequences[i] for i in members])
         # every scored position must lie after the cached prefix, and every suffix be non-empty
         for i in members:
-            prefix = min(prefix, len(sequences[i]) - 1, *(p for p in positions[i]))
+            prefix = min(prefix, len(sequences[i]) - 1, _span(positions[i])[0])
         if len(members) < 2 or prefix < min_prefix:
             loose.extend(members)
         else:
@@ -132,19 +132,24 @@ def _plan(
     return units
 
 
-def _batches(lengths: Sequence[int], batch_size: int, max_padding: float = MAX_PADDING) -> list[list[int]]:
+def _batches(lengths: Sequence[int], batch_size: int, max_padding: float = MAX_PADDING,
+             max_tokens: int | None = None, context: int = 0) -> list[list[int]]:
     """Indices into ``lengths`` grouped into batches for one padded forward each.
 
     Longest first; a batch holds at most ``batch_size`` items, and an item that would make the
     batch's padding exceed ``max_padding`` times its real tokens starts a new batch (MMLU's 5-shot
-    prefixes range from ~200 to ~2,500 tokens, its questions from ~30 to ~1,000).
+    prefixes range from ~200 to ~2,500 tokens, its questions from ~30 to ~1,000). With
+    ``max_tokens``, a batch also closes before ``items x (longest + context)`` would exceed it
+    (``context``: cached tokens every row attends to, which its KV cache copy holds).
     """
     batches: list[list[int]] = []
     real = 0
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         batch = batches[-1] if batches else []
-        padded = (len(batch) + 1) * lengths[batch[0]] if batch else 0
-        if batch and len(batch) < batch_size and padded <= (1 + max_padding) * (real + lengths[i]):
+        longest = lengths[batch[0]] if batch else 0
+        padded = (len(batch) + 1) * longest
+        fits = max_tokens is None or (len(batch) + 1) * (longest + context) <= max_tokens
+        if batch and len(batch) < batch_size and fits and padded <= (1 + max_padding) * (real + lengths[i]):
             batch.append(i)
             real += lengths[i]
         else:
@@ -163,6 +168,7 @@ def iter_final_hidden(
     share_prefix: bool = True,
     min_prefix: int = 16,
     max_padding: float = MAX_PADDING,
+    max_tokens: int | None = None,
     desc: str = "scoring",
 ) -> Iterator[tuple[list[int], list[Tensor]]]:
     """Final hidden states (decoder output) of each sequence at the requested positions.
@@ -177,15 +183,18 @@ def iter_final_hidden(
             (where the model allows it) up to ``PACK_TOKENS`` tokens of a group's suffixes. Rows
             are sorted by length (longest first), and a batch closes early rather than let
             padding exceed ``max_padding`` of its real tokens (wasted compute).
+        max_tokens: optional cap on a forward's padded tokens, a row's cached prefix included
+            (``_batches``). On a GPU, short sequences need many per forward to keep it busy:
+            a large ``batch_size`` with a token cap sizes batches by work, not by count.
 
     Yields ``(indices, hidden)`` per batch: ``hidden[j]`` is ``[len(positions[indices[j]]), d_model]``
     on the model's output device, in the order of the requested positions.
     """
     _check_requests(sequences, positions, groups)
-    forward = _Forward.of(adapter, batch_size, max_padding)
+    forward = _Forward.of(adapter, batch_size, max_padding, max_tokens)
     units = _plan(sequences, positions, groups, share_prefix, min_prefix)
     shared = [u for u in units if u.prefix_len]
-    waves = [[shared[j] for j in b] for b in _batches([u.prefix_len for u in shared], batch_size, max_padding)]
+    waves = [[shared[j] for j in b] for b in _batches([u.prefix_len for u in shared], batch_size, max_padding, max_tokens)]
     loose = [i for u in units if not u.prefix_len for i in u.members]
     with tqdm(total=len(sequences), desc=desc, unit="seq", leave=False) as bar:
         for wave in waves:
@@ -206,8 +215,16 @@ def _check_requests(
     if groups is not None and len(groups) != len(sequences):
         raise ValueError("one group key per sequence is needed")
     for i, (seq, pos) in enumerate(zip(sequences, positions)):
-        if any(p < 0 or p >= len(seq) for p in pos):
+        if len(pos) and (_span(pos)[0] < 0 or _span(pos)[1] >= len(seq)):
             raise ValueError(f"sequence {i}: positions {list(pos)} outside 0..{len(seq) - 1}")
+
+
+def _span(positions: Sequence[int]) -> tuple[int, int]:
+    """(smallest, largest) of non-empty ``positions``; O(1) for a ``range`` of step 1 (the scorer's
+    own requests: a sequence's scored positions are consecutive)."""
+    if isinstance(positions, range) and positions.step == 1:
+        return positions.start, positions.stop - 1
+    return min(positions), max(positions)
 
 
 @dataclass(frozen=True)
@@ -216,7 +233,8 @@ class _Forward:
 
     ``left``: with sliding-window attention, prefixes are left-padded so that each ends where its
     suffix starts (cache slots as far apart as positions), and suffixes are not packed. ``pack``:
-    the token budget of a packed suffix row (0: one suffix per row).
+    the token budget of a packed suffix row (0: one suffix per row). ``batch_size``, ``max_padding``
+    and ``max_tokens``: ``_batches``.
     """
 
     decoder: object  # the decoder under ``attention.scoring_forward``
@@ -228,13 +246,15 @@ class _Forward:
     pack: int
     batch_size: int
     max_padding: float
+    max_tokens: int | None
 
     @classmethod
-    def of(cls, adapter: ModelAdapter, batch_size: int, max_padding: float) -> "_Forward":
+    def of(cls, adapter: ModelAdapter, batch_size: int, max_padding: float, max_tokens: int | None) -> "_Forward":
         module = _decoder(adapter)
         device = adapter.input_device
         return cls(scoring_forward(module, device), cache_keyword(module), adapter.pad_id, device, adapter.dtype,
-                   adapter.has_sliding_window, PACK_TOKENS if _can_pack(adapter) else 0, batch_size, max_padding)
+                   adapter.has_sliding_window, PACK_TOKENS if _can_pack(adapter) else 0, batch_size, max_padding,
+                   max_tokens)
 
 
 def _wave_batches(
@@ -252,7 +272,8 @@ def _wave_batches(
     suffix_length = {i: len(sequences[i]) - u.prefix_len for u in wave for i in u.members}
     rows = [(k, packed) for k, u in enumerate(wave) for packed in _pack(u.members, suffix_length, forward.pack)]
     row_lengths = [sum(suffix_length[i] for i in members) for _, members in rows]
-    for rows_of_batch in _batches(row_lengths, forward.batch_size, forward.max_padding):
+    batches = _batches(row_lengths, forward.batch_size, forward.max_padding, forward.max_tokens, prefix_mask.shape[1])
+    for rows_of_batch in batches:
         chunk = [rows[r] for r in rows_of_batch]
         inputs, unit_of_row, starts = _suffix_inputs(chunk, wave, sequences, prefix_mask, forward.pad, forward.pack > 0,
                                                      forward.dtype, forward.device)
@@ -261,8 +282,8 @@ def _wave_batches(
         del cache
         batch = [i for _, members in chunk for i in members]
         row_of = [r for r, (_, members) in enumerate(chunk) for _ in members]
-        offsets = [[starts[i] + p - wave[k].prefix_len for p in positions[i]] for k, members in chunk for i in members]
-        yield batch, _select_rows(out.last_hidden_state, offsets, row_of)
+        shifts = [starts[i] - wave[k].prefix_len for k, members in chunk for i in members]
+        yield batch, _select_rows(out.last_hidden_state, [positions[i] for i in batch], row_of, shifts)
 
 
 def _loose_batches(
@@ -273,7 +294,8 @@ def _loose_batches(
     Right-padded and run without an attention mask: under causal attention no real token sees
     the padding after it, and without a mask SDPA can use its fastest (flash) kernels.
     """
-    for rows_of_batch in _batches([len(sequences[i]) for i in loose], forward.batch_size, forward.max_padding):
+    for rows_of_batch in _batches([len(sequences[i]) for i in loose], forward.batch_size, forward.max_padding,
+                                  forward.max_tokens):
         batch = [loose[r] for r in rows_of_batch]
         ids, _ = _pad_batch([sequences[i] for i in batch], forward.pad)
         out = forward.decoder(input_ids=_to_device(ids, forward.device), use_cache=False)
@@ -417,13 +439,24 @@ def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def _select_rows(hidden: Tensor, positions: Sequence[Sequence[int]], rows: Sequence[int] | None = None) -> list[Tensor]:
-    """``hidden[rows[j], positions[j]]`` for every item j (``rows`` defaults to 0, 1, ...): a list
-    of [len(positions[j]), d_model]."""
-    rows = range(len(positions)) if rows is None else rows
-    index = torch.tensor([[b, p] for b, row in zip(rows, positions) for p in row], dtype=torch.long).reshape(-1, 2)
-    row_index, col_index = _to_device(index.T.contiguous(), hidden.device)
-    return list(hidden[row_index, col_index].split([len(row) for row in positions]))
+def _select_rows(hidden: Tensor, positions: Sequence[Sequence[int]], rows: Sequence[int] | None = None,
+                 shifts: Sequence[int] | None = None) -> list[Tensor]:
+    """``hidden[rows[j], positions[j] + shifts[j]]`` for every item j (``rows`` defaults to 0, 1, ...,
+    ``shifts`` to 0): a list of [len(positions[j]), d_model]."""
+    sizes = [len(p) for p in positions]
+    rows = np.arange(len(positions)) if rows is None else np.asarray(rows, dtype=np.int64)
+    cols = np.concatenate([_as_array(p) for p in positions]) if positions else np.zeros(0, dtype=np.int64)
+    if shifts is not None:
+        cols = cols + np.repeat(np.asarray(shifts, dtype=np.int64), sizes)
+    index = torch.from_numpy(np.stack([np.repeat(rows, sizes), cols]))
+    row_index, col_index = _to_device(index, hidden.device)
+    return list(hidden[row_index, col_index].split(sizes))
+
+
+def _as_array(positions: Sequence[int]) -> np.ndarray:
+    if isinstance(positions, range):
+        return np.arange(positions.start, positions.stop, positions.step, dtype=np.int64)
+    return np.asarray(positions, dtype=np.int64).reshape(-1)
 
 
 def _safe_log_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -457,20 +490,22 @@ def sequence_logprobs(
     batch_size: int = 8,
     share_prefix: bool = True,
     max_rows: int = DEFAULT_MAX_ROWS,
+    max_tokens: int | None = None,
     desc: str = "scoring",
 ) -> SequenceScores:
     """Sum of ``log p(token_t | tokens_<t)`` over ``t = score_from[i] .. len - 1`` of each sequence.
 
     ``score_from[i] >= 1`` (the first token has no prediction); ``score_from[i] == len`` scores
-    nothing (sum 0, count 0). Logits are computed only for the scored positions.
+    nothing (sum 0, count 0). Logits are computed only for the scored positions. ``batch_size``
+    and ``max_tokens``: ``iter_final_hidden``.
     """
     check_head(adapter)
     n = len(sequences)
-    positions: list[list[int]] = []
+    positions: list[range] = []
     for i, (seq, start) in enumerate(zip(sequences, score_from)):
         if start < 1 or start > len(seq):
             raise ValueError(f"sequence {i}: score_from {start} outside 1..{len(seq)}")
-        positions.append(list(range(start - 1, len(seq) - 1)))
+        positions.append(range(start - 1, len(seq) - 1))
     sums = np.zeros(n, dtype=np.float64)
     counts = np.array([len(p) for p in positions], dtype=np.int64)
     bad = np.zeros(n, dtype=np.int64)
@@ -486,18 +521,18 @@ def sequence_logprobs(
         groups=sub_groups,
         batch_size=batch_size,
         share_prefix=share_prefix,
+        max_tokens=max_tokens,
         desc=desc,
     ):
-        owners = torch.cat([torch.full((len(r),), j, dtype=torch.long) for j, r in zip(batch, rows)])
-        targets = torch.cat(
-            [torch.as_tensor(list(sequences[scored[j]][score_from[scored[j]] :]), dtype=torch.long) for j in batch]
-        )
+        members = [scored[j] for j in batch]
+        owners = np.repeat(np.asarray(members, dtype=np.int64), [len(r) for r in rows])
+        targets = torch.from_numpy(np.concatenate([np.asarray(sequences[i][score_from[i] :], dtype=np.int64) for i in members]))
         hidden = torch.cat(rows, dim=0)
+        targets = _to_device(targets, hidden.device)
         for start in range(0, hidden.shape[0], max_rows):
             logprobs, nonfinite = _safe_log_softmax(project_to_logits(adapter, hidden[start : start + max_rows]))
-            tgt = _to_device(targets[start : start + max_rows], logprobs.device)
-            who = np.array([scored[j] for j in owners[start : start + max_rows].tolist()], dtype=np.int64)
-            pending.append((who, logprobs.gather(-1, tgt[:, None])[:, 0].double(), nonfinite))
+            tgt = targets[start : start + max_rows].to(logprobs.device)
+            pending.append((owners[start : start + max_rows], logprobs.gather(-1, tgt[:, None])[:, 0].double(), nonfinite))
     for who, picked, nonfinite in pending:
         np.add.at(sums, who, picked.cpu().numpy())
         np.add.at(bad, who, nonfinite.cpu().numpy().astype(np.int64))
@@ -513,6 +548,7 @@ def next_token_logprobs(
     groups: Sequence[Hashable] | None = None,
     batch_size: int = 8,
     share_prefix: bool = True,
+    max_tokens: int | None = None,
     desc: str = "scoring",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Log-probabilities of ``candidate_ids`` as the token after each whole sequence.
@@ -533,6 +569,7 @@ def next_token_logprobs(
         groups=groups,
         batch_size=batch_size,
         share_prefix=share_prefix,
+        max_tokens=max_tokens,
         desc=desc,
     ):
         logprobs, nonfinite = _safe_log_softmax(project_to_logits(adapter, torch.cat(rows, dim=0)))

@@ -44,6 +44,8 @@ from ..summary import assemble_summary
 from .extract import load_extraction
 from .infer import load_completions, load_plan
 
+GPU_SCORE_TOKENS = 32768  # scoring forwards' token budget on a GPU (``_scoring_batches``)
+
 # completions[intervention name][dataset] -> the rows of infer/<intervention>/<dataset>.jsonl
 Completions = dict[str, dict[str, list[dict]]]
 
@@ -126,7 +128,7 @@ def _coherence_features(run: Run, sets: list[list[dict]]) -> list[dict]:
     if not rows:
         return [_coherence_artifact(config, [], CompletionCE([], [], [])) for _ in sets]
     ce = completion_cross_entropy(run.adapter, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                                  max_completion_tokens=config.max_new_tokens, batch_size=max(1, run.batch_size // 2))
+                                  max_completion_tokens=config.max_new_tokens, **_scoring_batches(run))
     out, start = [], 0
     for part in sets:
         stop = start + len(part)
@@ -163,8 +165,25 @@ def _model_metrics(run: Run, spec: InterventionSpec, sets: dict[str, DirectionSe
 
 
 def _metric_batch_size(run: Run) -> int:
-    """Sequences per forward for losses and benchmarks (half the prompt batch: longer inputs)."""
+    """Sequences per forward of the KL (and of the other metrics without a token budget): half the
+    prompt batch (longer inputs)."""
     return max(1, run.batch_size // 2)
+
+
+def _scoring_batches(run: Run) -> dict[str, int | None]:
+    """``batch_size`` and ``max_tokens`` of the scorer's forwards (losses, benchmarks, coherence).
+
+    With a token budget (``score_tokens``; by default ``GPU_SCORE_TOKENS`` on a GPU unless the batch
+    size is set) a forward holds as many sequences as fit: 4,096 LAMBADA passages of ~84 tokens
+    take 128 forwards of 32, each too small to keep a GPU busy, and about 11 of ~380 within
+    32,768 tokens. Without one, ``_metric_batch_size`` sequences (the CPU's batches, unchanged).
+    """
+    tokens = run.config.score_tokens
+    if tokens is None and run.adapter.input_device.type == "cuda" and not run.config.batch_size:
+        tokens = GPU_SCORE_TOKENS
+    if tokens is None:
+        return {"batch_size": _metric_batch_size(run), "max_tokens": None}
+    return {"batch_size": tokens, "max_tokens": tokens}  # every sequence holds a token: no cap by count
 
 
 def _tokenized(run: Run, name: str, build: Callable[[], Any]) -> Any:
@@ -181,7 +200,7 @@ def _general_text_loss(run: Run, corpus: str) -> dict:
     sequences = _tokenized(run, "ce/general", lambda: loss.text_sequences(
         run.adapter, load_dataset(corpus, config.data_dir, limit=config.n_loss_docs), max_length=config.loss_max_length))
     return loss.sequences_loss(run.adapter, sequences, max_length=config.loss_max_length,
-                               batch_size=_metric_batch_size(run), corpus=corpus).to_dict()
+                               corpus=corpus, **_scoring_batches(run)).to_dict()
 
 
 def _alpaca_loss(run: Run) -> dict:
@@ -191,14 +210,13 @@ def _alpaca_loss(run: Run) -> dict:
     except (DatasetUnavailable, DataError) as exc:
         return {"status": "not run", "reason": f"no Alpaca reference outputs available ({exc.__class__.__name__}); "
                 "cross-entropy on the baseline's own completions is reported as ce/on_distribution"}
-    return loss.instruction_loss(run.adapter, records, max_length=config.loss_max_length,
-                                 batch_size=_metric_batch_size(run)).to_dict()
+    return loss.instruction_loss(run.adapter, records, max_length=config.loss_max_length, **_scoring_batches(run)).to_dict()
 
 
 def _on_distribution_loss(run: Run, completions: Completions) -> dict:
     base = completions["baseline"][run.config.harmless_eval]
     return loss.on_distribution_loss(run.adapter, [r["prompt"] for r in base], [r["response"] for r in base],
-                                     max_length=run.config.loss_max_length, batch_size=_metric_batch_size(run)).to_dict()
+                                     max_length=run.config.loss_max_length, **_scoring_batches(run)).to_dict()
 
 
 def _mmlu(run: Run) -> dict:
@@ -206,7 +224,7 @@ def _mmlu(run: Run) -> dict:
     inputs = _tokenized(run, "mmlu", lambda: benchmarks.mmlu_inputs(
         run.adapter, load_dataset("mmlu", config.data_dir, split="test"), load_dataset("mmlu", config.data_dir, split="dev"),
         n_questions=config.mmlu_questions, n_subjects=config.mmlu_subjects, seed=config.seed))
-    return benchmarks.score_mmlu(run.adapter, inputs, batch_size=_metric_batch_size(run))
+    return benchmarks.score_mmlu(run.adapter, inputs, **_scoring_batches(run))
 
 
 def _arc(run: Run) -> dict:
@@ -215,7 +233,7 @@ def _arc(run: Run) -> dict:
         run.adapter, load_dataset("arc_challenge", config.data_dir, split="test"),
         load_dataset("arc_challenge", config.data_dir, split="train"), n_shots=config.arc_shots,
         n_questions=config.arc_questions, seed=config.seed))
-    return benchmarks.score_arc(run.adapter, inputs, batch_size=_metric_batch_size(run))
+    return benchmarks.score_arc(run.adapter, inputs, **_scoring_batches(run))
 
 
 def _harmless_kl(run: Run, spec: InterventionSpec, sets: dict[str, DirectionSet], completions: Completions) -> dict:
