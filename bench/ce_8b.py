@@ -16,6 +16,11 @@ FLOPs per scored token: 2 x (the decoder's matrix parameters + the LM head) plus
 2 x 2 x layers x d_model x (mean causal context, length / 2).
 
     python bench/ce_8b.py --tokenizer .gpu/tokenizer --batches 32 64 128 --max-rows 512 2048
+
+``--compile`` adds a last variant: the pipeline's setting with every decoder layer under
+``torch.compile`` (fused norms, rotary and activations; the GEMMs stay cuBLAS's), after a warm-up
+that compiles. ``--profile`` prints the CUDA kernels of one batch of the pipeline's setting, by
+total time, and the share of the matrix multiplications (``torch.profiler``).
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--max-rows", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--compile", action="store_true", help="add the pipeline's setting with compiled decoder layers")
+    parser.add_argument("--profile", action="store_true", help="print the kernel time table of one batch")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     adapter = build_adapter(args.tokenizer, args.device, args.layers)
@@ -62,9 +69,15 @@ def main() -> None:
     start = [] if bos is None else [bos]
     sequences = [start + rng.integers(0, vocab, args.length - len(start)).tolist() for _ in range(args.docs)]
     per_token = flops_per_token(adapter.model, args.length)
-    variants = [(32, 512)] + [(b, r) for b in args.batches for r in args.max_rows if (b, r) != (32, 512)]
+    variants = [(32, 512, False)] + [(b, r, False) for b in args.batches for r in args.max_rows if (b, r) != (32, 512)]
+    variants += [(32, 512, True)] if args.compile else []
+    if args.profile:
+        profile_batch(adapter, sequences[:32])
     reference_seconds, reference_sums = None, None
-    for batch, rows in variants:
+    for batch, rows, compiled in variants:
+        if compiled:
+            for layer in adapter.layers:
+                layer.compile(dynamic=False)
         warm = sequences[: 2 * batch]
         sequence_logprobs(adapter, warm, [1] * len(warm), batch_size=batch, max_rows=rows, desc="warm-up")
         if torch.cuda.is_available():
@@ -76,11 +89,26 @@ def main() -> None:
         tflops = tokens * per_token / t.seconds / 1e12
         if reference_seconds is None:
             reference_seconds, reference_sums = t.seconds, scores.logprob_sums
-        emit(stage="ce", batch=batch, max_rows=rows, docs=args.docs, length=args.length, tokens=tokens,
+        emit(stage="ce", batch=batch, max_rows=rows, compiled=compiled, docs=args.docs, length=args.length, tokens=tokens,
              seconds=round(t.seconds, 2), tokens_per_s=round(tokens / t.seconds), tflops=round(tflops, 1),
              fraction_of_peak=round(tflops / args.peak_tflops, 3), speedup_vs_pipeline=round(reference_seconds / t.seconds, 3),
              max_abs_sum_difference=float(np.abs(scores.logprob_sums - reference_sums).max()),
              nonfinite=int(scores.n_nonfinite.sum()), peak_gpu_gb=peak_gb())
+
+
+def profile_batch(adapter, batch: list[list[int]]) -> None:
+    """The CUDA kernels of scoring one batch (after a warm-up), by total time; the GEMMs' share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sequence_logprobs(adapter, batch, [1] * len(batch), batch_size=len(batch), desc="profile warm-up")
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        sequence_logprobs(adapter, batch, [1] * len(batch), batch_size=len(batch), desc="profile")
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+    total = sum(e.device_time_total for e in events)
+    gemm = sum(e.device_time_total for e in events if any(k in e.key.lower() for k in ("gemm", "matmul", "cutlass", "nvjet", "sm90")))
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=25), flush=True)
+    emit(stage="profile", kernel_ms=round(total / 1e3, 2), gemm_ms=round(gemm / 1e3, 2), gemm_share=round(gemm / total, 3))
 
 
 if __name__ == "__main__":
