@@ -84,7 +84,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per forward (default: the stage's)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--compare", choices=("tokenization", "batching"), default="tokenization")
-    parser.add_argument("--score-tokens", type=int, default=32768, help="--compare batching: the token budget")
+    parser.add_argument("--score-tokens", type=int, nargs="+", default=[32768],
+                        help="--compare batching: token budgets (one 'new' variant each, in turn against 'old')")
     parser.add_argument("--max-rows", type=int, default=prefix_scorer.DEFAULT_MAX_ROWS, help="--compare batching: LM-head rows")
     args = parser.parse_args()
 
@@ -135,26 +136,28 @@ def main() -> None:
 
 
 def compare_batching(adapter, tokenize, batch: int, args) -> None:
-    """Each tokenized workload scored in count batches (old) and token-budget batches (new)."""
-    tokens, rows = args.score_tokens, args.max_rows
+    """Each tokenized workload scored in count batches (old) and token-budget batches (new), for
+    every budget of ``--score-tokens``."""
+    rows = args.max_rows
     runs = {
         "ce/general": lambda x, **b: loss.sequences_loss(adapter, x, max_length=256, max_rows=rows, corpus="lambada", **b).to_dict(),
         "mmlu": lambda x, **b: benchmarks.score_mmlu(adapter, x, **b),
         "arc_challenge": lambda x, **b: benchmarks.score_arc(adapter, x, **b),
     }
-    ways = {"old": {"batch_size": batch, "max_tokens": None}, "new": {"batch_size": tokens, "max_tokens": tokens}}
     for metric, build in tokenize.items():
         inputs = build()
-        times, results = {"old": [], "new": []}, {}
-        for r in range(args.rounds):
-            for name in (("old", "new") if r % 2 == 0 else ("new", "old")):
-                results[name], seconds = timed(lambda: runs[metric](inputs, **ways[name]))
-                times[name].append(seconds)
-        old_s, new_s = min(times["old"]), min(times["new"])
-        print(json.dumps({"metric": metric, "device": args.device, "compare": "batching", "batch_size": batch,
-                          "score_tokens": tokens, "max_rows": rows, "old_s": round(old_s, 3), "new_s": round(new_s, 3),
-                          "speedup": round(old_s / new_s, 2), "identical": results["old"] == results["new"],
-                          **differences(results["old"], results["new"])}), flush=True)
+        for tokens in args.score_tokens:
+            ways = {"old": {"batch_size": batch, "max_tokens": None}, "new": {"batch_size": tokens, "max_tokens": tokens}}
+            times, results = {"old": [], "new": []}, {}
+            for r in range(args.rounds):
+                for name in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                    results[name], seconds = timed(lambda: runs[metric](inputs, **ways[name]))
+                    times[name].append(seconds)
+            old_s, new_s = min(times["old"]), min(times["new"])
+            print(json.dumps({"metric": metric, "device": args.device, "compare": "batching", "batch_size": batch,
+                              "score_tokens": tokens, "max_rows": rows, "old_s": round(old_s, 3), "new_s": round(new_s, 3),
+                              "speedup": round(old_s / new_s, 2), "identical": results["old"] == results["new"],
+                              **differences(results["old"], results["new"])}), flush=True)
 
 
 def differences(old: dict, new: dict) -> dict:
