@@ -17,9 +17,8 @@ FLOPs per scored token: 2 x (the decoder's matrix parameters + the LM head) plus
 
     python bench/ce_8b.py --tokenizer .gpu/tokenizer --batches 32 64 128 --max-rows 512 2048
 
-``--compile`` adds a last variant: the pipeline's setting with every decoder layer under
-``torch.compile`` (fused norms, rotary and activations; the GEMMs stay cuBLAS's), after a warm-up
-that compiles. ``--profile`` prints the CUDA kernels of one batch of the pipeline's setting, by
+``--compile`` repeats every variant with each decoder layer under ``torch.compile`` (fused norms,
+rotary and activations; the GEMMs stay cuBLAS's), after a warm-up that compiles. ``--profile`` prints the CUDA kernels of one batch of the pipeline's setting, by
 total time, and the share of the matrix multiplications (``torch.profiler``).
 """
 
@@ -70,7 +69,7 @@ def main() -> None:
     sequences = [start + rng.integers(0, vocab, args.length - len(start)).tolist() for _ in range(args.docs)]
     per_token = flops_per_token(adapter.model, args.length)
     variants = [(32, 512, False)] + [(b, r, False) for b in args.batches for r in args.max_rows if (b, r) != (32, 512)]
-    variants += [(32, 512, True)] if args.compile else []
+    variants += [(b, r, True) for b, r, _ in variants] if args.compile else []
     if args.profile:
         profile_batch(adapter, sequences[:32])
     reference_seconds, reference_sums = None, None
