@@ -193,6 +193,9 @@ def stage_generate(adapter, args) -> None:
             emit(stage="generate", variant=name, applied_as=how, batch=batch, prompts=len(todo),
                  max_new_tokens=args.max_new_tokens, new_tokens=tokens, seconds=round(t.seconds, 2),
                  tokens_per_s=round(tokens / t.seconds, 1), peak_gpu_gb=peak_gb())
+    if args.profile_decode:
+        profile_decode(lambda: run(args.variants[-1], args.gen_batches[-1], pool[: args.gen_batches[-1]], args.profile_decode),
+                       args.variants[-1], args.profile_decode)
     if args.check_static:
         # The compiled, slot-driven path must apply the intervention like plain hooks do.
         todo, n = pool[:16], 24
@@ -204,6 +207,24 @@ def stage_generate(adapter, args) -> None:
         first = sum(x[0] == y[0] for x, y in zip(hooked, static)) / len(todo)
         emit(stage="generate", check="static slots vs dynamic hooks (ablation)", token_agreement=round(agree, 3),
              first_token_agreement=round(first, 3), fraction_differing_from_plain=round(differ, 3))
+
+
+def profile_decode(generate, variant: str, steps: int) -> None:
+    """Where a generate call's time goes (``torch.profiler``, after the timed calls warmed and compiled it):
+    wall time per decoding step, the kernels' total time as a share of it (low: the GPU waits for the host),
+    and the top CUDA kernels and host-side operations."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with Timer() as t:
+            generate()
+    averages = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA")
+    print(averages.table(sort_by="self_device_time_total", row_limit=20), flush=True)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+    emit(stage="decode-profile", variant=variant, steps=steps, seconds=round(t.seconds, 3),
+         ms_per_step=round(1e3 * t.seconds / steps, 2), kernel_ms_per_step=round(kernel_us / 1e3 / steps, 2),
+         gpu_busy=round(kernel_us / 1e6 / t.seconds, 3))
 
 
 def stage_evaluate(adapter, args) -> None:
@@ -248,12 +269,17 @@ def main() -> None:
                              "(static KV cache, compiled decoding, persistent slot hooks); or bare-static "
                              "(static cache, compiled, no hooks)")
     parser.add_argument("--check-static", action="store_true", help="compare static-slot and hook generations")
+    parser.add_argument("--no-cudnn-sdpa", action="store_true", help="turn PyTorch's cuDNN attention backend off (flash / memory-efficient kernels instead)")
+    parser.add_argument("--profile-decode", type=int, default=0, metavar="STEPS",
+                        help="after the timed calls: profile one call of the last variant, last batch size, STEPS new tokens")
     parser.add_argument("--loss-docs", type=int, default=512)
     parser.add_argument("--mmlu-questions", type=int, default=500)
     parser.add_argument("--arc-questions", type=int, default=300)
     parser.add_argument("--eval-batch", type=int, default=32)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.no_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     adapter = build_adapter(args.tokenizer, args.device, args.layers)
     for stage in args.stage:
         {"extract": stage_extract, "select": stage_select, "generate": stage_generate, "evaluate": stage_evaluate}[stage](adapter, args)
