@@ -36,15 +36,31 @@ class SharedPrefixError(RuntimeError):
 
 
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    """Length of the longest common prefix of ``sequences``, leaving every sequence at least one token."""
+    """Length of the longest common prefix of ``sequences``, leaving every sequence at least one token.
+
+    Compares list slices (C-speed) and narrows the prefix by bisection at each sequence that
+    departs from it: thousands of ARC sequences share a ~700-token few-shot prefix, which a
+    token-by-token Python loop takes a noticeable part of a second to confirm on every call.
+    """
     if not sequences:
         return 0
-    shortest = min(len(s) for s in sequences)
-    first = sequences[0]
-    n = 0
-    while n < shortest - 1 and all(s[n] == first[n] for s in sequences):
-        n += 1
-    return n
+    rows = [s if isinstance(s, list) else list(s) for s in sequences]
+    first = rows[0]
+    n = min(len(s) for s in rows) - 1
+    for row in rows[1:]:
+        if n <= 0:
+            return 0
+        if row[:n] == first[:n]:
+            continue
+        low, high = 0, n - 1  # the answer lies in [low, high]: row[:n] differs
+        while low < high:
+            mid = (low + high + 1) // 2
+            if row[:mid] == first[:mid]:
+                low = mid
+            else:
+                high = mid - 1
+        n = low
+    return max(n, 0)
 
 
 @dataclass

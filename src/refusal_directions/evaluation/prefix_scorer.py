@@ -346,23 +346,22 @@ def _suffix_inputs(
     padding mask for one suffix per row, otherwise an additive [B, 1, S, cache + S] mask in which
     each token sees its prefix's real slots and, causally, its own suffix.
     """
-    ids, segment, local, starts = [], [], [], {}
-    for k, members in chunk:
-        row_ids, row_segment, row_local = [], [], []
+    starts: dict[int, int] = {}
+    width = max(sum(len(sequences[i]) - wave[k].prefix_len for i in members) for k, members in chunk)
+    table = np.zeros((len(chunk), 3, width), dtype=np.int64)  # per row: token ids, segment, position in segment
+    table[:, 0], table[:, 1] = pad, -1
+    counting = np.arange(width, dtype=np.int64)
+    for b, (k, members) in enumerate(chunk):
+        column = 0
         for r, i in enumerate(members):
-            suffix = list(sequences[i][wave[k].prefix_len :])
-            starts[i] = len(row_ids)
-            row_ids += suffix
-            row_segment += [r] * len(suffix)
-            row_local += range(len(suffix))
-        ids.append(row_ids)
-        segment.append(row_segment)
-        local.append(row_local)
-    width = max(len(row) for row in ids)
-    table = torch.tensor(
-        [[row + [pad] * (width - len(row)), seg + [-1] * (width - len(seg)), loc + [0] * (width - len(loc))] for row, seg, loc in zip(ids, segment, local)]
-    )  # [B, 3, S]
-    table = _to_device(table, device)
+            suffix = sequences[i][wave[k].prefix_len :]
+            end = column + len(suffix)
+            table[b, 0, column:end] = suffix
+            table[b, 1, column:end] = r
+            table[b, 2, column:end] = counting[: len(suffix)]
+            starts[i] = column
+            column = end
+    table = _to_device(torch.from_numpy(table), device)
     input_ids, segment_ids, local_positions = table.unbind(1)
     unit_of_row, prefix_len = _to_device(torch.tensor([[k, wave[k].prefix_len] for k, _ in chunk]).T, device)
     cached = prefix_mask[unit_of_row]  # [B, L], 1 = a real prefix slot
