@@ -32,6 +32,24 @@ def test_common_prefix_leaves_every_sequence_a_token():
     assert common_prefix_length([]) == 0
 
 
+def test_common_prefix_equals_a_token_by_token_scan():
+    """The bisecting version agrees with the plain definition on random sequences (lists or tuples)."""
+    import random
+
+    def scan(seqs):
+        n = 0
+        while n < min(len(s) for s in seqs) - 1 and all(s[n] == seqs[0][n] for s in seqs):
+            n += 1
+        return n
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        base = [rng.randint(0, 3) for _ in range(rng.randint(0, 12))]
+        seqs = [base[: rng.randint(0, len(base))] + [rng.randint(0, 3) for _ in range(rng.randint(0, 5))]
+                for _ in range(rng.randint(1, 6))]
+        assert common_prefix_length(seqs) == scan(seqs) == common_prefix_length([tuple(s) for s in seqs]), seqs
+
+
 def test_split_batch_pads_between_prefix_and_suffix_and_numbers_real_tokens_consecutively():
     split = split_batch([[7, 8, 1, 2, 3], [7, 8, 4]], 2, pad_id=0, device=torch.device("cpu"))
     assert split.prefix.tolist() == [[7, 8]]
