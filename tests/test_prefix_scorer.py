@@ -219,3 +219,13 @@ def test_packed_suffixes_with_eager_attention_match_each_sequence_alone():
         for i, seq in enumerate(seqs):
             expected = adapter.model.get_decoder()(input_ids=torch.tensor([seq])).last_hidden_state[0, positions[i]]
             torch.testing.assert_close(got[i], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_positions_outside_a_sequence_are_refused(adapter):
+    """Requested positions must lie inside their sequence (lists and ranges alike)."""
+    seqs = [[5, 6, 7], [8, 9, 10, 11]]
+    for bad in ([[0, 3], [1]], [[-1], [1]], [range(0, 4), [1]]):
+        with pytest.raises(ValueError, match="outside"):
+            list(iter_final_hidden(adapter, seqs, bad))
+    ok = list(iter_final_hidden(adapter, seqs, [range(0, 3), []]))
+    assert sum(len(batch) for batch, _ in ok) == 2

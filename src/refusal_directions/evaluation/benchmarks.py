@@ -210,8 +210,7 @@ def mmlu_inputs(
 
 
 def score_mmlu(adapter: ModelAdapter, inputs: MmluInputs, *, batch_size: int = 8, max_tokens: int | None = None,
-               share_prefix: bool = True,
-               n_boot: int = 2000) -> dict:
+               share_prefix: bool = True, n_boot: int = 2000) -> dict:
     """``evaluate_mmlu``'s result for tokenized ``inputs`` (``mmlu_inputs``) under the model as it is now."""
     logprobs, n_nonfinite = _mmlu_letter_logprobs(adapter, inputs, batch_size=batch_size, max_tokens=max_tokens,
                                                   share_prefix=share_prefix)
@@ -416,8 +415,7 @@ def arc_inputs(
 
 
 def score_arc(adapter: ModelAdapter, inputs: ArcInputs, *, batch_size: int = 8, max_tokens: int | None = None,
-              share_prefix: bool = True,
-              n_boot: int = 2000) -> dict:
+              share_prefix: bool = True, n_boot: int = 2000) -> dict:
     """``evaluate_arc``'s result for tokenized ``inputs`` (``arc_inputs``) under the model as it is now."""
     records = inputs.records
     scores = sequence_logprobs(adapter, inputs.sequences, inputs.starts, groups=inputs.groups, batch_size=batch_size,

@@ -215,7 +215,10 @@ def _check_requests(
     if groups is not None and len(groups) != len(sequences):
         raise ValueError("one group key per sequence is needed")
     for i, (seq, pos) in enumerate(zip(sequences, positions)):
-        if len(pos) and (_span(pos)[0] < 0 or _span(pos)[1] >= len(seq)):
+        if not len(pos):
+            continue
+        low, high = _span(pos)
+        if low < 0 or high >= len(seq):
             raise ValueError(f"sequence {i}: positions {list(pos)} outside 0..{len(seq) - 1}")
 
 
